@@ -1,0 +1,3 @@
+from qrunner.cli import main
+
+main()

@@ -1,0 +1,159 @@
+"""Structured-config schema of every qrunner config group.
+
+Hydra merges each group's YAML (and every recipe) into these dataclasses, so an unknown key or a
+value of the wrong type fails at composition time. Range and cross-field checks that OmegaConf cannot
+express live in `qrunner.config.validate`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Dict, List, Optional
+
+from omegaconf import MISSING
+
+
+class MemoryMode(str, Enum):
+    auto = "auto"
+    high = "high"
+    medium = "medium"
+    low = "low"
+
+
+class ShortSamples(str, Enum):
+    concat = "concat"
+    drop = "drop"
+
+
+class DataFormat(str, Enum):
+    auto = "auto"
+    text = "text"
+    jsonl = "jsonl"
+    parquet = "parquet"
+    hf_disk = "hf_disk"
+
+
+class ExportFormat(str, Enum):
+    auto_round = "auto_round"
+
+
+@dataclass
+class ModelConfig:
+    path: str = MISSING
+    trust_remote_code: bool = False
+    # dtype the calibration and evaluation forwards run in (the checkpoint's own dtype is kept on export)
+    compute_dtype: str = "float32"
+
+
+@dataclass
+class FamilyConfig:
+    name: str = "llm"
+    # module lists holding the blocks to quantize, e.g. ["model.layers"]; empty = found by the family adapter
+    block_names: List[str] = field(default_factory=list)
+
+
+@dataclass
+class SchemeConfig:
+    name: str = "w4a16"
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = True
+    data_type: str = "int"
+    act_bits: int = 16
+
+
+@dataclass
+class QuantConfig:
+    # 0 = round-to-nearest; AutoRound sign-gradient tuning uses iters > 0
+    iters: int = 0
+    seed: int = 42
+    # regexes of layer names (e.g. "mlp.down_proj") left in full precision
+    ignore_layers: List[str] = field(default_factory=list)
+
+
+@dataclass
+class MemoryConfig:
+    mode: MemoryMode = MemoryMode.auto
+    # RAM budget for memory=auto; null = 80 % of the RAM available at start
+    budget_gb: Optional[float] = None
+
+
+@dataclass
+class DataConfig:
+    # "builtin" (bundled CPython-stdlib text) or a local path: .txt, .jsonl, .parquet or a datasets.save_to_disk folder
+    source: str = "builtin"
+    format: DataFormat = DataFormat.auto
+    text_field: str = "text"
+    nsamples: int = 128
+    seqlen: int = 2048
+    # what to do with documents shorter than seqlen: concatenate all text, or drop them (count reported)
+    short_samples: ShortSamples = ShortSamples.concat
+    seed: int = 42
+
+
+@dataclass
+class EvalConfig:
+    enabled: bool = True
+    # "builtin" (bundled held-out text) or a local path, read like data.source
+    source: str = "builtin"
+    format: DataFormat = DataFormat.auto
+    text_field: str = "text"
+    seqlen: int = 256
+    # number of non-overlapping windows evaluated (0 = all)
+    nsamples: int = 32
+    batch_size: int = 4
+    # also measure the unquantized model
+    original: bool = True
+
+
+@dataclass
+class ExportConfig:
+    format: ExportFormat = ExportFormat.auto_round
+    # null = <run dir>/model
+    output_dir: Optional[str] = None
+    max_shard_size: str = "5GB"
+
+
+@dataclass
+class RunConfig:
+    root: str = "outputs"
+    # explicit run directory; null = <root>/<recipe>/<hash of the semantic config>
+    dir: Optional[str] = None
+    fresh: bool = False
+    show_progress: bool = True
+
+
+@dataclass
+class QrunnerConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    family: FamilyConfig = field(default_factory=FamilyConfig)
+    scheme: SchemeConfig = field(default_factory=SchemeConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    # a recipe's one-line description, shown in the report
+    description: str = ""
+
+
+# Keys that never change what a run computes: excluded from the run directory's hash and from every
+# stage fingerprint, so `memory=low` resumes a run started with `memory=high`.
+NON_SEMANTIC_KEYS = ("memory", "run", "description")
+
+# Keys that only select how a result is evaluated or where it is written: part of the fingerprints of
+# the stages that read them, but not of the run directory, so changing them reruns just those stages.
+RUN_DIR_EXCLUDED_KEYS = NON_SEMANTIC_KEYS + ("eval", "export.output_dir", "export.max_shard_size")
+
+
+def register() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="qrunner_schema", node=QrunnerConfig)
+
+
+def as_plain(cfg: Any) -> Dict[str, Any]:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)  # type: ignore[return-value]

@@ -1,0 +1,120 @@
+"""Checks on a composed config that the schema's types cannot express. Run before anything loads."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Callable, Dict
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
+
+from qrunner.config.provenance import Provenance
+from qrunner.errors import ConfigValueError, UserError
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+SUPPORTED_MEMORY_MODES = ("auto", "high")
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """'5GB' -> 5_000_000_000; '512MiB' -> 536870912."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", str(text).upper())
+    if not match:
+        raise ValueError(text)
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
+
+
+def model_weight_files(path: Path) -> list[Path]:
+    return sorted(path.glob("*.safetensors"))
+
+
+def check_model_dir(path_text: str, source: str) -> Path:
+    path = Path(path_text).expanduser()
+    if not path.exists():
+        raise UserError(f"model.path={path_text!r} (set in {source}) does not exist. "
+                        "Point model.path at a local Hugging Face model folder (config.json + *.safetensors).")
+    if not (path / "config.json").is_file():
+        raise UserError(f"model.path={path_text!r} (set in {source}) has no config.json: "
+                        "it must be a Hugging Face model folder, e.g. one written by save_pretrained().")
+    if not model_weight_files(path):
+        if any(path.glob("*.bin")) or any(path.glob("*.pt")):
+            raise UserError(f"model.path={path_text!r} holds PyTorch .bin weights but no *.safetensors: qrunner "
+                            "streams safetensors shards. Convert once with "
+                            "`AutoModel.from_pretrained(p).save_pretrained(p2, safe_serialization=True)`.")
+        raise UserError(f"model.path={path_text!r} (set in {source}) has no *.safetensors weight files.")
+    return path
+
+
+def _check_source(value: str, key: str, where: Callable[[str], str]) -> None:
+    if value != "builtin" and not Path(value).expanduser().exists():
+        raise UserError(f"{key}={value!r} (set in {where(key)}) does not exist: use 'builtin' or a local "
+                        ".txt / .jsonl / .parquet file or a datasets.save_to_disk folder.")
+
+
+def validate(cfg: DictConfig, provenance: Provenance) -> None:
+    """Raise a UserError naming the key, the bad value, the allowed values and where it was set."""
+    where = provenance.source_of
+
+    def bad(key: str, allowed: str, hint: str = "") -> ConfigValueError:
+        return ConfigValueError(key, OmegaConf.select(cfg, key), allowed, where(key), hint)
+
+    try:
+        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except MissingMandatoryValue as err:
+        key = getattr(err, "full_key", "") or "?"
+        hint = "Pass it on the command line, e.g. model.path=/models/my-model." if key == "model.path" else ""
+        raise UserError(f"config error: {key} is required but not set (in {where(key)}). {hint}".strip()) from None
+
+    scheme = cfg.scheme
+    if scheme.bits not in SUPPORTED_BITS:
+        raise bad("scheme.bits", ", ".join(map(str, SUPPORTED_BITS)))
+    if scheme.group_size != -1 and scheme.group_size <= 0:
+        raise bad("scheme.group_size", "-1 (one group per output row) or a positive integer dividing the layers' input size")
+    if scheme.data_type != "int":
+        raise bad("scheme.data_type", "int")
+    if scheme.act_bits != 16:
+        raise bad("scheme.act_bits", "16 (weight-only schemes)")
+
+    if cfg.quant.iters < 0:
+        raise bad("quant.iters", "0 (round-to-nearest) or a positive number of tuning iterations")
+    if cfg.quant.iters > 0:
+        raise bad("quant.iters", "0", "AutoRound tuning (iters > 0) is not available in this version yet; "
+                  "use quant.iters=0 for round-to-nearest")
+    for i, pattern in enumerate(cfg.quant.ignore_layers):
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise bad(f"quant.ignore_layers.{i}", f"a Python regular expression ({err})")
+
+    mode = cfg.memory.mode.value if hasattr(cfg.memory.mode, "value") else str(cfg.memory.mode)
+    if mode not in SUPPORTED_MEMORY_MODES:
+        raise bad("memory.mode", ", ".join(SUPPORTED_MEMORY_MODES),
+                  f"memory={mode} is not yet supported in this version; use memory=high or memory=auto")
+    if cfg.memory.budget_gb is not None and cfg.memory.budget_gb <= 0:
+        raise bad("memory.budget_gb", "a positive number of GB, or null for 80 % of available RAM")
+
+    for key in ("data.nsamples", "data.seqlen", "eval.seqlen", "eval.batch_size"):
+        if OmegaConf.select(cfg, key) <= 0:
+            raise bad(key, "a positive integer")
+    if cfg.eval.nsamples < 0:
+        raise bad("eval.nsamples", "0 (all windows) or a positive integer")
+    _check_source(cfg.data.source, "data.source", where)
+    _check_source(cfg.eval.source, "eval.source", where)
+
+    try:
+        if parse_size(cfg.export.max_shard_size) <= 0:
+            raise ValueError
+    except ValueError:
+        raise bad("export.max_shard_size", "a size such as 5GB, 500MB or 2GiB") from None
+
+    from qrunner.models.registry import family_names
+
+    if cfg.family.name not in family_names():
+        raise bad("family.name", ", ".join(family_names()))
+
+    check_model_dir(cfg.model.path, where("model.path"))
+
+
+def plain(cfg: DictConfig) -> Dict[str, Any]:
+    return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)  # type: ignore[return-value]

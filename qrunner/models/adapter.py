@@ -1,0 +1,152 @@
+"""The family adapter interface: everything qrunner needs to know about one kind of architecture."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, ClassVar, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from qrunner.errors import UserError
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """What happens to one linear layer inside a block."""
+
+    name: str  # full module name, e.g. model.layers.0.mlp.down_proj
+    in_features: int
+    out_features: int
+    quantize: bool
+    reason: str = ""  # why it is left in full precision
+
+
+class StopForward(Exception):
+    """Raised by a hook to end a forward pass once the wanted inputs are captured."""
+
+
+class FamilyAdapter:
+    """Subclasses describe a family as data (block lists, model types) plus small hooks."""
+
+    name: ClassVar[str]
+    stages: ClassVar[Tuple[str, ...]]
+    model_types: ClassVar[Tuple[str, ...]]
+    # candidate module-list paths holding the decoder blocks, tried in order
+    block_list_candidates: ClassVar[Tuple[str, ...]]
+
+    # ---- architecture checks -------------------------------------------------------------
+    def check_config(self, config: Any, model_path: str) -> None:
+        model_type = getattr(config, "model_type", None)
+        if model_type not in self.model_types:
+            from qrunner.models.registry import family_for_model_type
+
+            other = family_for_model_type(model_type)
+            hint = (f" It looks like a '{other}' model: use family={other}." if other
+                    else " This architecture is not supported yet.")
+            raise UserError(f"family={self.name} does not support model_type={model_type!r} "
+                            f"(from {model_path}/config.json); supported: {', '.join(self.model_types)}.{hint}")
+
+    def build_skeleton(self, config: Any, trust_remote_code: bool) -> nn.Module:
+        """The model with every parameter on the meta device (no memory for weights)."""
+        from accelerate import init_empty_weights
+
+        with init_empty_weights(include_buffers=False):
+            return self.model_class(config).from_config(config, trust_remote_code=trust_remote_code)
+
+    def model_class(self, config: Any) -> Any:
+        raise NotImplementedError(f"family {self.name} does not define model_class()")
+
+    # ---- blocks ----------------------------------------------------------------------------
+    def block_lists(self, model: nn.Module, requested: Sequence[str]) -> List[str]:
+        names = list(requested) or [n for n in self.block_list_candidates if _get(model, n) is not None][:1]
+        if not names:
+            raise UserError(f"could not find the decoder blocks of {type(model).__name__}; tried "
+                            f"{', '.join(self.block_list_candidates)}. Set family.block_names=[path.to.layers].")
+        for name in names:
+            if not isinstance(_get(model, name), nn.ModuleList):
+                available = [n for n, m in model.named_modules() if isinstance(m, nn.ModuleList)]
+                raise UserError(f"family.block_names: {name!r} is not a module list in {type(model).__name__}; "
+                                f"module lists in this model: {', '.join(available) or 'none'}.")
+        return names
+
+    def blocks(self, model: nn.Module, block_lists: Sequence[str]) -> List[Tuple[str, nn.Module]]:
+        out = []
+        for list_name in block_lists:
+            for i, block in enumerate(_get(model, list_name)):
+                out.append((f"{list_name}.{i}", block))
+        return out
+
+    def linears(self, block: nn.Module) -> List[Tuple[str, nn.Linear]]:
+        return [(n, m) for n, m in block.named_modules() if isinstance(m, nn.Linear)]
+
+    def plan_layers(self, model: nn.Module, block_lists: Sequence[str], group_size: int,
+                    ignore: Sequence[str], kernel_multiple: int = 32, group_size_source: str = "") -> List[LayerPlan]:
+        patterns = [re.compile(p) for p in ignore]
+        plans: List[LayerPlan] = []
+        for block_name, block in self.blocks(model, block_lists):
+            for rel, layer in self.linears(block):
+                full = f"{block_name}.{rel}"
+                fin, fout = layer.in_features, layer.out_features
+                if any(p.search(full) for p in patterns):
+                    plans.append(LayerPlan(full, fin, fout, False, "matches quant.ignore_layers"))
+                elif fin % kernel_multiple or fout % kernel_multiple:
+                    plans.append(LayerPlan(full, fin, fout, False,
+                                           f"in/out features not divisible by {kernel_multiple} (loader kernels)"))
+                elif group_size > 0 and fin % group_size:
+                    divisors = [g for g in (32, 64, 128, 256) if fin % g == 0]
+                    where = f" (set in {group_size_source})" if group_size_source else ""
+                    raise UserError(f"scheme.group_size={group_size}{where} does not divide the input size {fin} of "
+                                    f"layer {full}; allowed: -1 (per row) or a divisor of {fin} such as "
+                                    f"{', '.join(map(str, divisors)) or fin}.")
+                else:
+                    plans.append(LayerPlan(full, fin, fout, True))
+        return plans
+
+    # ---- calibration ---------------------------------------------------------------------
+    def capture_first_block_inputs(self, model: nn.Module, first_block: nn.Module, input_ids: torch.Tensor
+                                   ) -> Tuple[torch.Tensor, Dict[str, Any]]:
+        """Run the model on one sample until the first block; return (hidden_states, other kwargs)."""
+        captured: Dict[str, Any] = {}
+
+        def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+            kwargs = dict(kwargs)
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            captured["hidden"] = hidden.detach()
+            captured["kwargs"] = {k: v for k, v in kwargs.items() if k not in self.dropped_block_kwargs}
+            raise StopForward
+
+        handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                model(input_ids=input_ids, use_cache=False)
+        except StopForward:
+            pass
+        finally:
+            handle.remove()
+        if "hidden" not in captured:
+            raise RuntimeError(f"the forward pass of {type(model).__name__} never reached its first block")
+        return captured["hidden"], captured["kwargs"]
+
+    # block kwargs that are per-call state rather than inputs (caches); never stored
+    dropped_block_kwargs: ClassVar[Tuple[str, ...]] = ("past_key_values", "past_key_value", "use_cache")
+
+    def run_block(self, block: nn.Module, hidden: torch.Tensor, shared: Dict[str, Any]) -> torch.Tensor:
+        out = block(hidden, **shared)
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _get(root: nn.Module, dotted: str) -> Optional[nn.Module]:
+    node: Any = root
+    for part in dotted.split("."):
+        node = getattr(node, part, None)
+        if node is None:
+            return None
+    return node
+
+
+def get_module(root: nn.Module, dotted: str) -> nn.Module:
+    module = _get(root, dotted)
+    if module is None:
+        raise KeyError(dotted)
+    return module

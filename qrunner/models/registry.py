@@ -1,0 +1,30 @@
+"""Family adapters by name."""
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+from qrunner.models.adapter import FamilyAdapter
+from qrunner.models.llm import LlmAdapter
+
+_FAMILIES: Dict[str, FamilyAdapter] = {a.name: a for a in (LlmAdapter(),)}
+
+# model types that belong to families not built yet, so an error can point the user the right way
+_OTHER_FAMILIES = {
+    "qwen2_vl": "vlm", "qwen2_5_vl": "vlm", "qwen3_vl": "vlm", "llava": "vlm", "gemma3": "vlm",
+    "gemma4": "gemma4", "gemma4_text": "gemma4",
+}
+
+
+def family_names() -> List[str]:
+    return sorted(_FAMILIES)
+
+
+def get_family(name: str) -> FamilyAdapter:
+    return _FAMILIES[name]
+
+
+def family_for_model_type(model_type: Optional[str]) -> Optional[str]:
+    for family in _FAMILIES.values():
+        if model_type in family.model_types:
+            return family.name
+    return _OTHER_FAMILIES.get(model_type or "")

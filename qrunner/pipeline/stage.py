@@ -1,0 +1,66 @@
+"""A stage: a plain class with declared inputs (`needs`), the config keys it reads and a version."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Dict, Mapping, Optional, Tuple, Type
+
+from omegaconf import DictConfig
+
+from qrunner.pipeline.units import UnitStore
+
+
+@dataclass
+class StageContext:
+    """What a running stage sees: its config, its output folder and its upstream stages' folders."""
+
+    cfg: DictConfig
+    out: Path  # write everything here; it is committed atomically when run() returns
+    inputs: Mapping[str, Path]  # committed folder of every stage in `needs`
+    upstream_manifests: Mapping[str, Dict[str, Any]]
+    units: UnitStore  # per-unit checkpoints (e.g. one per block) that survive a kill
+    session: Any  # in-process objects shared between stages (loaded model, tokenizer); never on disk
+    log: logging.Logger
+    run_dir: Path
+    metrics: Dict[str, Any] = field(default_factory=dict)
+
+
+class Stage:
+    """Subclasses set `name`, `needs`, `reads` and `version`, and implement `run`."""
+
+    name: ClassVar[str]
+    needs: ClassVar[Tuple[str, ...]] = ()
+    # dotted config keys whose values change this stage's result (part of its fingerprint)
+    reads: ClassVar[Tuple[str, ...]] = ()
+    version: ClassVar[int] = 1
+    description: ClassVar[str] = ""
+
+    def run(self, ctx: StageContext) -> Optional[Dict[str, Any]]:
+        """Do the work, write files under ctx.out, return metrics for the manifest."""
+        raise NotImplementedError(f"stage {self.name} does not implement run()")
+
+    def still_valid(self, cfg: DictConfig, stage_dir: Path, manifest: Dict[str, Any]) -> Optional[str]:
+        """For stages that write outside their folder: why a committed result is no longer usable, or None."""
+        return None
+
+    def estimate_bytes(self, cfg: DictConfig) -> int:
+        """Rough size of what the stage writes (for disk-space checks); 0 when unknown or small."""
+        return 0
+
+
+_REGISTRY: Dict[str, Type[Stage]] = {}
+
+
+def register_stage(cls: Type[Stage]) -> Type[Stage]:
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise ValueError(f"two stages are named {cls.name!r}: {_REGISTRY[cls.name]} and {cls}")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def stage_class(name: str) -> Type[Stage]:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"no stage named {name!r}; registered: {', '.join(sorted(_REGISTRY))}") from None

@@ -1,0 +1,143 @@
+"""report.json, report.md and the memory-over-time plot of a run."""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from qrunner.memory.monitor import MemoryMonitor, process_peak_mb
+from qrunner.pipeline.runner import StageResult
+
+
+def build_report(cfg_plain: Dict[str, Any], run_dir: Path, results: List[StageResult], monitor: MemoryMonitor,
+                 memory_choice: Dict[str, Any], wall_seconds: float) -> Dict[str, Any]:
+    by_name = {r.name: r for r in results}
+    evaluation = by_name.get("evaluate")
+    quantize = by_name.get("quantize")
+    export = by_name.get("export")
+    return {
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "run_dir": str(run_dir),
+        "recipe": cfg_plain.get("_recipe"),
+        "model": cfg_plain["model"]["path"],
+        "scheme": cfg_plain["scheme"],
+        "quant": cfg_plain["quant"],
+        "memory": memory_choice,
+        "wall_seconds": round(wall_seconds, 2),
+        "peak_rss_mb": round(max([process_peak_mb()] + [r.peak_rss_mb for r in results if r.status == "ran"]), 1),
+        "stages": [asdict(r) for r in results],
+        "quality": {k: v for k, v in (evaluation.metrics if evaluation else {}).items() if k.startswith("ppl")},
+        "block_loss": quantize.metrics.get("block_loss", []) if quantize else [],
+        "export_dir": export.metrics.get("output_dir") if export else None,
+        "memory_timeline": monitor.timeline(),
+    }
+
+
+def plot_memory(report: Dict[str, Any], file: Path) -> Optional[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    samples = report["memory_timeline"]["samples"]
+    if len(samples) < 2:
+        return None
+    t = [s[0] for s in samples]
+    fig, ax = plt.subplots(figsize=(8, 3.2))
+    ax.plot(t, [s[1] for s in samples], label="RSS", color="tab:blue")
+    ax.plot(t, [s[2] for s in samples], label="RssAnon", color="tab:orange", alpha=0.8)
+    for when, name in report["memory_timeline"]["marks"]:
+        ax.axvline(when, color="grey", lw=0.8, ls="--")
+        ax.text(when, ax.get_ylim()[1] * 0.98, f" {name}", rotation=90, va="top", fontsize=7, color="grey")
+    ax.set_xlabel("seconds")
+    ax.set_ylabel("MB")
+    ax.set_title(f"memory over time (peak {report['peak_rss_mb']:.0f} MB)")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(file, dpi=110)
+    plt.close(fig)
+    return file
+
+
+def plot_block_loss(report: Dict[str, Any], file: Path) -> Optional[Path]:
+    losses = report["block_loss"]
+    if not losses:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 2.8))
+    ax.bar(range(len(losses)), losses, color="tab:green")
+    ax.set_yscale("log")
+    ax.set_xlabel("block")
+    ax.set_ylabel("output MSE")
+    ax.set_title("per-block loss (quantized vs original block output)")
+    fig.tight_layout()
+    fig.savefig(file, dpi=110)
+    plt.close(fig)
+    return file
+
+
+def markdown(report: Dict[str, Any], images: List[Path]) -> str:
+    s = report["scheme"]
+    lines = [
+        f"# qrunner report: {report['recipe']}",
+        "",
+        f"- model: `{report['model']}`",
+        f"- scheme: {s['name']} (bits {s['bits']}, group {s['group_size']}, {'sym' if s['sym'] else 'asym'}), "
+        f"iters {report['quant']['iters']}",
+        f"- memory mode: {report['memory'].get('mode')} (budget {report['memory'].get('budget_gb')} GB)",
+        f"- export: `{report['export_dir']}`",
+        f"- wall time {report['wall_seconds']:.1f} s, peak RSS {report['peak_rss_mb']:.0f} MB",
+        "",
+        "| stage | status | time (s) | peak RSS (MB) |",
+        "|---|---|---:|---:|",
+    ]
+    for st in report["stages"]:
+        lines.append(f"| {st['name']} | {st['status']} | {st['seconds']:.2f} | {st['peak_rss_mb']:.0f} |")
+    q = report["quality"]
+    if q:
+        lines += ["", "| perplexity | value |", "|---|---:|"]
+        for key in ("ppl_original", "ppl_quantized", "ppl_ratio"):
+            if key in q:
+                lines.append(f"| {key.replace('ppl_', '')} | {q[key]:.4f} |")
+    if report["block_loss"]:
+        lines += ["", "| block | loss |", "|---:|---:|"]
+        lines += [f"| {i} | {v:.3e} |" for i, v in enumerate(report["block_loss"])]
+    for image in images:
+        lines += ["", f"![{image.stem}]({image.name})"]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(report: Dict[str, Any], run_dir: Path) -> Path:
+    images = [p for p in (plot_memory(report, run_dir / "memory.png"),
+                          plot_block_loss(report, run_dir / "block_loss.png")) if p]
+    (run_dir / "report.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
+    md = run_dir / "report.md"
+    md.write_text(markdown(report, images))
+    return md
+
+
+def print_summary(report: Dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"qrunner: {report['recipe']} -> {report['export_dir']}")
+    for col in ("stage", "status", "time (s)", "peak RSS (MB)"):
+        table.add_column(col, justify="right" if "(" in col else "left")
+    for st in report["stages"]:
+        table.add_row(st["name"], st["status"], f"{st['seconds']:.2f}", f"{st['peak_rss_mb']:.0f}")
+    console = Console(stderr=False)
+    console.print(table)
+    q = report["quality"]
+    if "ppl_quantized" in q:
+        text = f"perplexity: quantized {q['ppl_quantized']:.4f}"
+        if "ppl_original" in q:
+            text = f"perplexity: original {q['ppl_original']:.4f}, {text[12:]} (x{q['ppl_ratio']:.4f})"
+        console.print(text)
+    console.print(f"peak RSS {report['peak_rss_mb']:.0f} MB, wall {report['wall_seconds']:.1f} s; "
+                  f"report: {report['run_dir']}/report.md")

@@ -1,0 +1,79 @@
+"""In-process objects shared by the stages of one run: config, tokenizer, loaded model. Never on disk."""
+from __future__ import annotations
+
+import logging
+from functools import cached_property
+from pathlib import Path
+from typing import Any, List, Optional
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from qrunner.models.adapter import FamilyAdapter, LayerPlan
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+class ModelSession:
+    def __init__(self, cfg: DictConfig, adapter: FamilyAdapter, log: logging.Logger) -> None:
+        self.cfg = cfg
+        self.adapter = adapter
+        self.log = log
+        self.model_dir = Path(cfg.model.path).expanduser()
+        self.compute_dtype = torch_dtype(cfg.model.compute_dtype)
+        self._model: Optional[nn.Module] = None
+        self.group_size_source = ""
+
+    @cached_property
+    def hf_config(self) -> Any:
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(self.model_dir, trust_remote_code=self.cfg.model.trust_remote_code)
+
+    @cached_property
+    def tokenizer(self) -> Any:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.model_dir, trust_remote_code=self.cfg.model.trust_remote_code)
+
+    @cached_property
+    def skeleton(self) -> nn.Module:
+        self.adapter.check_config(self.hf_config, str(self.model_dir))
+        return self.adapter.build_skeleton(self.hf_config, self.cfg.model.trust_remote_code)
+
+    @cached_property
+    def block_lists(self) -> List[str]:
+        return self.adapter.block_lists(self.skeleton, list(self.cfg.family.block_names))
+
+    @cached_property
+    def layer_plan(self) -> List[LayerPlan]:
+        return self.adapter.plan_layers(self.skeleton, self.block_lists, self.cfg.scheme.group_size,
+                                        list(self.cfg.quant.ignore_layers), group_size_source=self.group_size_source)
+
+    def preflight(self, group_size_source: str = "") -> None:
+        """Architecture, block names and layer shapes against the config, on the meta skeleton."""
+        self.group_size_source = group_size_source
+        _ = self.layer_plan
+
+    def model(self) -> nn.Module:
+        """The whole model in RAM (memory=high), loaded once and shared by the stages that need it."""
+        if self._model is None:
+            self.log.info("loading %s into RAM (%s)", self.model_dir, self.cfg.model.compute_dtype)
+            model_cls = self.adapter.model_class(self.hf_config)
+            self._model = model_cls.from_pretrained(
+                self.model_dir, dtype=self.compute_dtype, trust_remote_code=self.cfg.model.trust_remote_code)
+            self._model.eval()
+            self._model.requires_grad_(False)
+        return self._model
+
+    def take_model(self) -> nn.Module:
+        """Hand the loaded model over to a stage that will modify it; the session forgets it."""
+        model = self.model()
+        self._model = None
+        return model
+
+    def blocks(self, model: nn.Module):
+        return self.adapter.blocks(model, self.block_lists)

@@ -1,0 +1,2 @@
+"""The stages; importing this package registers them."""
+from qrunner.stages import capture, data, evaluate, export, load, quantize  # noqa: F401

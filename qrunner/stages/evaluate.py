@@ -1,0 +1,72 @@
+"""evaluate: perplexity of the original and of the quantized model on held-out text."""
+from __future__ import annotations
+
+import math
+from typing import Any, Dict
+
+import torch
+from tqdm import tqdm
+
+from qrunner.data_sources import concatenated_windows, read_documents, tokenize_documents
+from qrunner.errors import UserError
+from qrunner.models.adapter import get_module
+from qrunner.pipeline.stage import Stage, StageContext, register_stage
+from qrunner.stages.quantize import quantized_layers, scheme_of
+
+
+def perplexity(model: torch.nn.Module, windows: torch.Tensor, batch_size: int, desc: str, show: bool) -> float:
+    """exp(mean negative log-likelihood) over every predicted token of every window."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in tqdm(range(0, len(windows), batch_size), desc=desc, unit="batch", disable=not show):
+            batch = windows[i:i + batch_size]
+            logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
+            labels = batch[:, 1:]
+            nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                                    reduction="sum")
+            total += float(nll)
+            count += labels.numel()
+    return math.exp(total / count)
+
+
+def evaluation_windows(cfg: Any, tokenizer: Any) -> torch.Tensor:
+    e = cfg.eval
+    docs, _ = read_documents(e.source, e.format, e.text_field, "evaluation")
+    windows = concatenated_windows(tokenize_documents(tokenizer, docs), int(e.seqlen), tokenizer.eos_token_id)
+    if len(windows) == 0:
+        raise UserError(f"eval.source={e.source!r} has fewer than eval.seqlen={e.seqlen} tokens; lower eval.seqlen")
+    return windows if e.nsamples == 0 else windows[: e.nsamples]
+
+
+@register_stage
+class EvaluateStage(Stage):
+    name = "evaluate"
+    needs = ("load", "quantize")
+    reads = ("eval.enabled", "eval.source", "eval.format", "eval.text_field", "eval.seqlen", "eval.nsamples",
+             "eval.original", "model.compute_dtype")
+    version = 1
+    description = "perplexity, original vs quantized"
+
+    def run(self, ctx: StageContext) -> Dict[str, Any]:
+        cfg, session = ctx.cfg, ctx.session
+        if not cfg.eval.enabled:
+            return {"skipped": True}
+        windows = evaluation_windows(cfg, session.tokenizer)
+        show, bs = cfg.run.show_progress, int(cfg.eval.batch_size)
+        metrics: Dict[str, Any] = {"windows": len(windows), "seqlen": int(cfg.eval.seqlen),
+                                   "tokens": int(windows[:, 1:].numel())}
+        if cfg.eval.original:
+            metrics["ppl_original"] = perplexity(session.model(), windows, bs, "eval original", show)
+        model = session.take_model()  # weights are replaced below; later stages must reload
+        for name, qw in quantized_layers(ctx.inputs["quantize"], scheme_of(cfg)).items():
+            layer = get_module(model, name)
+            layer.weight.data = qw.dequantize(layer.weight.dtype)
+        metrics["ppl_quantized"] = perplexity(model, windows, bs, "eval quantized", show)
+        del model
+        if "ppl_original" in metrics:
+            metrics["ppl_ratio"] = metrics["ppl_quantized"] / metrics["ppl_original"]
+            ctx.log.info("evaluate: perplexity original %.4f, quantized %.4f (x%.4f)", metrics["ppl_original"],
+                         metrics["ppl_quantized"], metrics["ppl_ratio"])
+        else:
+            ctx.log.info("evaluate: perplexity quantized %.4f", metrics["ppl_quantized"])
+        return metrics

@@ -1,0 +1,137 @@
+"""export: write the quantized checkpoint in the configured format, exactly at export.output_dir.
+
+Tensors are streamed shard by shard from the source checkpoint: non-quantized tensors are copied byte for
+byte, each quantized layer's weight is replaced by its packed tensors. The checkpoint is written under a
+temporary name beside the output folder and renamed into place when complete.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from omegaconf import DictConfig
+from safetensors import safe_open
+
+from qrunner.config.validate import parse_size
+from qrunner.errors import UserError
+from qrunner.export.auto_round import pack_layer, quantization_config
+from qrunner.export.shards import ShardedSafetensorsWriter
+from qrunner.pipeline.atomic import fsync_tree, remove_tree
+from qrunner.pipeline.faults import fault_point
+from qrunner.pipeline.stage import Stage, StageContext, register_stage
+from qrunner.stages.load import read_model_info
+from qrunner.stages.quantize import quantized_layers, scheme_of
+
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "model.safetensors.index.json",
+                "pytorch_model.bin.index.json")
+RECORD = "export.json"
+
+
+def output_dir(cfg: DictConfig, run_dir: Path) -> Path:
+    return Path(cfg.export.output_dir).expanduser().resolve() if cfg.export.output_dir else run_dir / "model"
+
+
+def source_shards(model_dir: Path) -> List[Path]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [model_dir / f for f in sorted(set(weight_map.values()))]
+    return sorted(model_dir.glob("*.safetensors"))
+
+
+def _is_previous_export(folder: Path) -> bool:
+    return (folder / "quantization_config.json").is_file()
+
+
+@register_stage
+class ExportStage(Stage):
+    name = "export"
+    needs = ("load", "quantize")
+    reads = ("export.format", "export.output_dir", "export.max_shard_size", "scheme.bits", "scheme.group_size",
+             "scheme.sym", "scheme.data_type", "quant.iters")
+    version = 1
+    description = "quantized checkpoint"
+
+    def run(self, ctx: StageContext) -> Dict[str, Any]:
+        cfg, session = ctx.cfg, ctx.session
+        scheme = scheme_of(cfg)
+        info = read_model_info(ctx)
+        final = output_dir(cfg, ctx.run_dir)
+        if final.exists() and any(final.iterdir()) and not _is_previous_export(final):
+            raise UserError(f"export.output_dir={str(final)!r} exists and is not a checkpoint qrunner wrote; "
+                            "choose an empty or new folder, or remove it.")
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
+        remove_tree(tmp)
+        tmp.mkdir()
+
+        layers = quantized_layers(ctx.inputs["quantize"], scheme)
+        writer = ShardedSafetensorsWriter(tmp, parse_size(cfg.export.max_shard_size))
+        packed: set = set()
+        for shard in source_shards(session.model_dir):
+            with safe_open(str(shard), framework="pt") as f:
+                keys = sorted(f.keys())
+                for key in keys:
+                    module, _, leaf = key.rpartition(".")
+                    if module in layers:
+                        if leaf == "weight":
+                            bias = f.get_tensor(f"{module}.bias") if f"{module}.bias" in keys else None
+                            for suffix, tensor in pack_layer(layers[module], bias).items():
+                                writer.add(f"{module}.{suffix}", tensor)
+                            packed.add(module)
+                        elif leaf != "bias":
+                            writer.add(key, f.get_tensor(key))
+                    else:
+                        writer.add(key, f.get_tensor(key))
+        missing = sorted(set(layers) - packed)
+        if missing:
+            raise RuntimeError(f"export: {len(missing)} quantized layers have no weight in the source checkpoint "
+                               f"(e.g. {missing[:3]}); the checkpoint and the model skeleton disagree")
+        shards = writer.close()
+        fault_point("export.shards_written")
+
+        extra = {p["name"]: {"bits": 16} for p in info["layers"] if not p["quantize"]}
+        qconfig = quantization_config(scheme, info["block_lists"], int(cfg.quant.iters), extra)
+        config = json.loads((session.model_dir / "config.json").read_text())
+        config["quantization_config"] = qconfig
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        (tmp / "quantization_config.json").write_text(json.dumps(qconfig, indent=2, sort_keys=True) + "\n")
+        copied = _copy_side_files(session.model_dir, tmp)
+
+        fsync_tree(tmp)
+        remove_tree(final)
+        os.replace(tmp, final)
+        files = {p.name: p.stat().st_size for p in sorted(final.iterdir()) if p.is_file()}
+        (ctx.out / RECORD).write_text(json.dumps({"output_dir": str(final), "files": files}, indent=1))
+        ctx.log.info("export: %d quantized layers, %d shard(s) -> %s", len(packed), len(shards), final)
+        return {"output_dir": str(final), "format": "auto_round", "packing_format": qconfig["packing_format"],
+                "quantized_layers": len(packed), "shards": len(shards), "side_files": copied,
+                "bytes": sum(files.values())}
+
+    def still_valid(self, cfg: DictConfig, stage_dir: Path, manifest: Dict[str, Any]) -> Optional[str]:
+        try:
+            record = json.loads((stage_dir / RECORD).read_text())
+        except (OSError, ValueError):
+            return "its record is missing"
+        folder = Path(record["output_dir"])
+        for name, size in record["files"].items():
+            file = folder / name
+            if not file.is_file() or file.stat().st_size != size:
+                return f"{file} is missing or changed"
+        return None
+
+
+def _copy_side_files(src: Path, dst: Path) -> List[str]:
+    """Tokenizer, processor, generation config, chat template: every plain file but weights and config."""
+    copied = []
+    skip = set()
+    for pattern in WEIGHT_FILES:
+        skip.update(p.name for p in src.glob(pattern))
+    for file in sorted(src.iterdir()):
+        if file.is_file() and file.name not in skip and file.name != "config.json" and not file.name.startswith("."):
+            shutil.copy2(file, dst / file.name)
+            copied.append(file.name)
+    return copied
