@@ -94,7 +94,7 @@ class QuantizeStage(Stage):
         while start < len(blocks) and ctx.units.done(unit_key(start)):
             start += 1
         if start:
-            ctx.log.info("quantize: resuming at block %d/%d (%d block(s) already committed)", start,
+            ctx.log.info("quantize: resuming at block %d/%d (%d block(s) already committed)", start + 1,
                          len(blocks), len(done))
         source = (ctx.inputs["capture"] / HIDDEN) if start == 0 else (ctx.units.path(unit_key(start - 1)) / NEXT_INPUTS)
         hidden = load_file(str(source))["hidden_states"].to(session.compute_dtype)

@@ -1,0 +1,69 @@
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, List, Sequence, Tuple
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from tiny_models import make_tiny_llama  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    return make_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama")
+
+
+def compose(overrides: Sequence[str]) -> Tuple[object, Dict[str, str]]:
+    """The config `qrunner OVERRIDES...` would run with, composed in-process."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import OmegaConf, open_dict
+
+    from qrunner._paths import conf_dir
+    from qrunner.cli import _register
+
+    _register()
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        cfg = hydra_compose("config", overrides=list(overrides), return_hydra_config=True)
+    choices = OmegaConf.to_container(cfg.hydra.runtime.choices)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg, choices
+
+
+def run_inprocess(overrides: Sequence[str]) -> dict:
+    """Run the pipeline in this process (as `qrunner OVERRIDES...` would) and return its report."""
+    from qrunner.cli import execute
+
+    overrides = list(overrides) + ["run.show_progress=false"]
+    cfg, choices = compose(overrides)
+    return execute(cfg, choices.get("recipe") or "custom", choices, overrides)
+
+
+def run_cli(args: List[str], env: Dict[str, str] | None = None, cwd: Path | None = None
+            ) -> subprocess.CompletedProcess:
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-m", "qrunner", *args, "run.show_progress=false"], cwd=cwd or REPO,
+                          env=full_env, capture_output=True, text=True, timeout=600)
+
+
+def tiny_overrides(model: Path, root: Path, *extra: str) -> List[str]:
+    return [f"model.path={model}", f"run.root={root}", "scheme.group_size=32", "data.nsamples=8",
+            "data.seqlen=64", "eval.nsamples=4", "eval.seqlen=64", *extra]
+
+
+def stage_status(report: dict) -> Dict[str, str]:
+    return {s["name"]: s["status"] for s in report["stages"]}
+
+
+def tree_bytes(folder: Path) -> Dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
