@@ -1,0 +1,204 @@
+"""AutoRound (``quant_method: auto-round``) checkpoint tensors and config; no file I/O.
+
+Matches what auto-round 0.16.1 writes and what transformers 5.24 + auto-round load
+(``auto_round_extension.torch.qlinear_torch[_zp].QuantLinear`` on CPU):
+
+* symmetric -> ``packing_format "auto_round:auto_gptq"``: ``qzeros`` stores ``zero - 1``
+  (GPTQ v1; the loader adds 1 back), every word ``0x77777777`` at 4 bits;
+* asymmetric -> ``packing_format "auto_round"``: ``qzeros`` stores the zero point itself.
+  (AutoRound itself exports 4-bit asym as ``auto_round:auto_awq``; plain ``auto_round`` is
+  what it writes for 2/3/8-bit asym and loads for any width.)
+
+Per linear ``L`` with weight ``[out, in]``: ``L.qweight`` int32 ``[in*bits/32, out]``,
+``L.qzeros`` int32 ``[n_groups, out*bits/32]``, ``L.scales`` float16 ``[n_groups, out]``,
+``L.bias`` float16 ``[out]`` if present; no ``g_idx``. The loader's kernels need in/out
+divisible by 32 (:func:`layer_supported`).
+
+Loader notes (checked against the real loader): ``config.json``'s ``quantization_config``
+is all it reads (``quantization_config.json`` is written alongside only to mirror
+AutoRound); on CPU without ``auto-round-lib`` it picks the pure-torch backend, whose
+compute dtypes are float16/bfloat16, so a model requested in float32 is cast to float16
+after loading ("Forced model to torch.float16").
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from qrunner.quant.packing import pack_cols, pack_rows, unpack_cols, unpack_rows
+from qrunner.quant.rtn import QuantizedWeight
+from qrunner.quant.scheme import QuantScheme
+
+__all__ = [
+    "AUTOROUND_FORMAT_VERSION",
+    "PACKING_ASYM",
+    "PACKING_SYM",
+    "QUANTIZATION_CONFIG_FILE",
+    "layer_supported",
+    "pack_layer",
+    "packing_format",
+    "quantization_config",
+    "unpack_layer",
+]
+
+PACKING_SYM = "auto_round:auto_gptq"  # zero point stored minus one
+PACKING_ASYM = "auto_round"  # zero point stored as is
+# The auto-round release whose on-disk format this module reproduces (fixed so that the
+# written config does not depend on which auto-round happens to be installed).
+AUTOROUND_FORMAT_VERSION = "0.16.1"
+QUANTIZATION_CONFIG_FILE = "quantization_config.json"
+
+# Tuning parameters AutoRound leaves out of the config when they equal these defaults
+# (auto_round.export.utils.filter_quantization_config); lr/minmax_lr depend on iters.
+_TUNING_DEFAULTS: dict[str, Any] = {
+    "amp": True,
+    "batch_size": 8,
+    "dataset": "NeelNanda/pile-10k",
+    "enable_minmax_tuning": True,
+    "enable_norm_bias_tuning": False,
+    "enable_quanted_input": True,
+    "gradient_accumulate_steps": 1,
+    "low_gpu_mem_usage": False,
+    "nsamples": 128,
+    "scale_dtype": "torch.float16",
+    "seqlen": 2048,
+}
+_CORE_KEYS = (
+    "quant_method",
+    "packing_format",
+    "bits",
+    "group_size",
+    "sym",
+    "data_type",
+    "iters",
+    "autoround_version",
+    "block_name_to_quantize",
+    "extra_config",
+)
+# The loader's stored-zero offsets per packing format.
+_ZERO_OFFSET = {PACKING_SYM: 1, PACKING_ASYM: 0, "auto_round:gptqmodel": 0}
+
+
+def packing_format(sym: bool) -> str:
+    """The ``packing_format`` AutoRound uses for integer weights of this symmetry."""
+    return PACKING_SYM if sym else PACKING_ASYM
+
+
+def layer_supported(in_features: int, out_features: int, scheme: QuantScheme) -> bool:
+    """Whether the loader's kernels accept this layer shape (else leave it in full precision)."""
+    if in_features <= 0 or out_features <= 0:
+        return False
+    if in_features % 32 or out_features % 32:
+        return False
+    return scheme.group_size <= 0 or in_features % scheme.group_size == 0
+
+
+def pack_layer(qw: QuantizedWeight, bias: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Checkpoint tensors ``{"qweight", "qzeros", "scales"[, "bias"]}`` for one linear layer."""
+    out_f, in_f = qw.out_features, qw.in_features
+    if qw.q.shape != (out_f, in_f) or qw.scale.shape != qw.zero.shape or qw.scale.shape[0] != out_f:
+        raise ValueError(
+            f"inconsistent QuantizedWeight: q {tuple(qw.q.shape)}, scale {tuple(qw.scale.shape)}, "
+            f"zero {tuple(qw.zero.shape)}"
+        )
+    if in_f % 32 or out_f % 32:
+        raise ValueError(f"layer [{out_f}, {in_f}] cannot be packed: in/out features must be multiples of 32")
+    if in_f % qw.n_groups:
+        raise ValueError(f"in_features={in_f} is not a multiple of n_groups={qw.n_groups}")
+    stored_zero = qw.zero.to(torch.int64) - _ZERO_OFFSET[packing_format(qw.sym)]
+    tensors = {
+        "qweight": pack_rows(qw.q.t(), qw.bits),
+        "qzeros": pack_cols(stored_zero.t(), qw.bits),
+        "scales": qw.scale.t().to(torch.float16).contiguous(),
+    }
+    if bias is not None:
+        if bias.shape != (out_f,):
+            raise ValueError(f"bias shape {tuple(bias.shape)} does not match out_features={out_f}")
+        tensors["bias"] = bias.detach().to(device="cpu", dtype=torch.float16).contiguous()
+    return {k: v.cpu().contiguous() for k, v in tensors.items()}
+
+
+def unpack_layer(
+    tensors: Mapping[str, torch.Tensor],
+    bits: int,
+    group_size: int,
+    sym: bool,
+    packing_format: str,
+    in_features: int,
+    out_features: int,
+) -> QuantizedWeight:
+    """Inverse of :func:`pack_layer` (any ``bias`` entry is ignored)."""
+    if packing_format not in _ZERO_OFFSET:
+        raise ValueError(f"unsupported packing_format {packing_format!r}; known: {sorted(_ZERO_OFFSET)}")
+    q = unpack_rows(tensors["qweight"], bits, in_features).t()
+    scales = tensors["scales"]
+    n_groups = scales.shape[0]
+    zero = unpack_cols(tensors["qzeros"], bits, out_features) + _ZERO_OFFSET[packing_format]
+    if q.shape != (out_features, in_features) or scales.shape[1] != out_features or zero.shape[0] != n_groups:
+        raise ValueError("qweight / qzeros / scales shapes do not match the given in/out features")
+    expected_groups = 1 if group_size == -1 else -(-in_features // group_size)
+    if n_groups != expected_groups:
+        raise ValueError(f"scales hold {n_groups} groups, group_size={group_size} implies {expected_groups}")
+    return QuantizedWeight(
+        q=q.to(torch.uint8).contiguous(),
+        scale=scales.t().to(torch.float16).contiguous(),
+        zero=zero.t().to(torch.int32).contiguous(),
+        bits=bits,
+        group_size=group_size,
+        sym=sym,
+    )
+
+
+def _tuning_defaults(iters: int) -> dict[str, Any]:
+    lr = 1.0 / iters if iters > 0 else 5e-3
+    return {**_TUNING_DEFAULTS, "lr": lr, "minmax_lr": lr}
+
+
+def quantization_config(
+    scheme: QuantScheme,
+    block_names: Sequence[str],
+    iters: int,
+    extra_config: Mapping[str, Mapping[str, Any]] | None = None,
+    **tuning_overrides: Any,
+) -> dict[str, Any]:
+    """The ``quantization_config`` dict for ``config.json`` / ``quantization_config.json``.
+
+    ``block_names`` are module-list prefixes (``model.layers``); ``extra_config`` maps a
+    layer name or regex to only the keys that differ (``{"bits": 16}`` = left in full
+    precision) and is written only when non-empty. ``tuning_overrides`` (``lr``,
+    ``nsamples``, ``seqlen``, ...) are written only when not None and different from
+    AutoRound's defaults.
+    """
+    if isinstance(block_names, str) or not block_names or not all(isinstance(b, str) and b for b in block_names):
+        raise ValueError(f"block_names must be a non-empty list of module prefixes, got {block_names!r}")
+    if any("," in b for b in block_names):
+        raise ValueError(f"block names must not contain commas: {list(block_names)}")
+    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
+        raise ValueError(f"iters must be a non-negative int, got {iters!r}")
+    clash = sorted(set(tuning_overrides) & set(_CORE_KEYS))
+    if clash:
+        raise ValueError(f"these keys are set from the scheme, not as tuning overrides: {clash}")
+
+    config: dict[str, Any] = {
+        "quant_method": "auto-round",
+        "packing_format": packing_format(scheme.sym),
+        "bits": scheme.bits,
+        "group_size": scheme.group_size,
+        "sym": scheme.sym,
+        "data_type": scheme.data_type,
+        "iters": iters,
+    }
+    defaults = _tuning_defaults(iters)
+    for key, value in tuning_overrides.items():
+        if value is None or (key in defaults and defaults[key] == value):
+            continue
+        config[key] = value
+    config["autoround_version"] = AUTOROUND_FORMAT_VERSION
+    config["block_name_to_quantize"] = ",".join(block_names)
+    if extra_config:
+        config["extra_config"] = {name: dict(copy.deepcopy(cfg)) for name, cfg in extra_config.items()}
+    return config

@@ -1,0 +1,210 @@
+"""Integer weight quantization math (AutoRound 0.16 conventions). Pure tensors, no I/O.
+
+Conventions (weight ``w`` of shape ``[out, in]``, groups of ``g`` input channels):
+
+* Symmetric ("full range"): per group, the extreme with the larger magnitude sets
+  ``scale = ±|extreme| / 2**(bits-1)``, the sign chosen so that this extreme maps to
+  ``-2**(bits-1)``; ``q = clamp(round(w/scale + v), -2**(bits-1), 2**(bits-1)-1)``,
+  ``w_hat = scale * q``. Scales may therefore be negative.
+* Asymmetric: ``scale = (wmax - wmin) / (2**bits - 1)``, ``zp = round(-wmin/scale)``,
+  ``q = clamp(round(w/scale + v) + zp, 0, 2**bits-1)``, ``w_hat = scale * (q - zp)``.
+
+``wmin = min(w, 0) * min_scale`` and ``wmax = max(w, 0) * max_scale``, both ranges include 0.
+
+The scale is rounded to float16 *before* ``q`` is computed (as AutoRound does with
+``scale_dtype=float16``), so the float16 scale stored in a checkpoint reproduces
+exactly the values used here and ``QuantizedWeight.dequantize()`` equals ``w_hat``.
+Scales whose magnitude is below ``Q_SCALE_THRESH`` (e.g. all-zero groups) are clamped
+to it, so nothing divides by zero.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from qrunner.quant.scheme import QuantScheme
+
+__all__ = [
+    "Q_SCALE_THRESH",
+    "QuantizedWeight",
+    "quant_dequant",
+    "quantize",
+    "quantize_rtn",
+    "round_ste",
+    "to_quantized_weight",
+]
+
+Q_SCALE_THRESH = 1e-5  # AutoRound's q_scale_thresh for float16 scales
+_FP16_MAX = float(torch.finfo(torch.float16).max)
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round to nearest (half to even) with a straight-through (identity) gradient."""
+    return (torch.round(x) - x).detach() + x
+
+
+def _clamp_ste(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    """Clamp in the forward pass, identity gradient (AutoRound clamps ``.data`` in place)."""
+    return (x.clamp(lo, hi) - x).detach() + x
+
+
+@dataclass
+class QuantizedWeight:
+    """A quantized ``[out, in]`` weight in unsigned form: ``w = scale * (q - zero)`` per group."""
+
+    q: torch.Tensor  # uint8 [out, in], codes in [0, 2**bits - 1]
+    scale: torch.Tensor  # float16 [out, n_groups] (may be negative for sym)
+    zero: torch.Tensor  # int32 [out, n_groups], unsigned zero point
+    bits: int
+    group_size: int  # as in the scheme: -1 = one group per row
+    sym: bool
+
+    @property
+    def out_features(self) -> int:
+        return int(self.q.shape[0])
+
+    @property
+    def in_features(self) -> int:
+        return int(self.q.shape[1])
+
+    @property
+    def n_groups(self) -> int:
+        return int(self.scale.shape[1])
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``scale * (q - zero)`` per group, computed in float32 from the fp16 scale, then cast."""
+        g = self.in_features // self.n_groups
+        scale = self.scale.to(torch.float32).repeat_interleave(g, dim=1)
+        zero = self.zero.to(torch.float32).repeat_interleave(g, dim=1)
+        return (scale * (self.q.to(torch.float32) - zero)).to(dtype)
+
+
+def _group_size(in_features: int, scheme: QuantScheme) -> int:
+    g = scheme.effective_group_size(in_features)
+    if in_features % g != 0:
+        raise ValueError(
+            f"in_features={in_features} is not divisible by group_size={scheme.group_size}; "
+            "leave this layer unquantized"
+        )
+    return g
+
+
+def _per_group(x: torch.Tensor | float | None, default: float, out: int, n_groups: int) -> torch.Tensor | float:
+    """min/max_scale as a ``[out, n_groups, 1]`` tensor (or a float), clamped to [0, 1] (STE)."""
+    if x is None:
+        return default
+    if not isinstance(x, torch.Tensor):
+        return min(max(float(x), 0.0), 1.0)
+    x = _clamp_ste(x.to(torch.float32), 0.0, 1.0)
+    if x.dim() == 0:
+        return x
+    return x.reshape(out, n_groups, 1)
+
+
+def quant_dequant(
+    weight: torch.Tensor,
+    scheme: QuantScheme,
+    v: torch.Tensor | None = None,
+    min_scale: torch.Tensor | float | None = None,
+    max_scale: torch.Tensor | float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fake-quantize ``weight`` ``[out, in]``; differentiable in ``v``, ``min_scale``, ``max_scale``.
+
+    Args:
+        weight: 2-D float weight ``[out, in]``; math runs in float32.
+        scheme: bits / group_size / sym.
+        v: rounding offsets, shape ``[out, in]`` (or a scalar); ``None`` = 0.
+        min_scale, max_scale: range coefficients, shape ``[out, n_groups]`` (or scalars),
+            clamped to [0, 1] in the forward pass with an identity gradient; ``None`` = 1.
+
+    Returns:
+        ``(w_hat, scale, zero, q)``: ``w_hat`` ``[out, in]`` in ``weight.dtype``;
+        ``scale`` ``[out, n_groups]`` float32 holding float16-representable values;
+        ``zero`` ``[out, n_groups]`` float32 (0 for sym, unsigned zero point for asym);
+        ``q`` ``[out, in]`` float32 integer grid (signed for sym, unsigned for asym),
+        so that ``w_hat == scale * (q - zero)`` per group.
+    """
+    if weight.dim() != 2:
+        raise ValueError(f"expected a 2-D weight [out, in], got shape {tuple(weight.shape)}")
+    out, in_features = weight.shape
+    g = _group_size(in_features, scheme)
+    n_groups = in_features // g
+    w = weight.to(torch.float32).reshape(out, n_groups, g)
+
+    min_s = _per_group(min_scale, 1.0, out, n_groups)
+    max_s = _per_group(max_scale, 1.0, out, n_groups)
+    wmin = torch.clamp(w.amin(dim=-1, keepdim=True), max=0) * min_s
+    wmax = torch.clamp(w.amax(dim=-1, keepdim=True), min=0) * max_s
+
+    if scheme.sym:
+        maxq = 2 ** (scheme.bits - 1)
+        wmin_abs = -wmin
+        neg_wins = (wmax < wmin_abs).to(torch.float32)  # larger magnitude on the negative side
+        max_v = (2 * neg_wins - 1) * torch.maximum(wmax, wmin_abs)
+        scale16 = (max_v / maxq).clamp(-_FP16_MAX, _FP16_MAX).to(torch.float16)
+        scale16 = torch.where(
+            scale16 < 0, scale16.clamp(max=-Q_SCALE_THRESH), scale16.clamp(min=Q_SCALE_THRESH)
+        )
+        scale = scale16.to(torch.float32)
+        zero = torch.zeros_like(scale)
+        lo, hi = -maxq, maxq - 1
+    else:
+        maxq = 2**scheme.bits - 1
+        scale16 = ((wmax - wmin) / maxq).clamp(max=_FP16_MAX).to(torch.float16).clamp(min=Q_SCALE_THRESH)
+        scale = scale16.to(torch.float32)
+        zero = round_ste(-wmin / scale)
+        lo, hi = 0, maxq
+
+    x = w / scale
+    if v is not None:
+        v = v.to(torch.float32)
+        x = x + (v.reshape(out, n_groups, g) if v.dim() > 0 else v)
+    q = torch.clamp(round_ste(x) + zero, lo, hi)
+    w_hat = scale * (q - zero)
+    return (
+        w_hat.reshape(out, in_features).to(weight.dtype),
+        scale.reshape(out, n_groups),
+        zero.reshape(out, n_groups),
+        q.reshape(out, in_features),
+    )
+
+
+def to_quantized_weight(
+    q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, scheme: QuantScheme
+) -> QuantizedWeight:
+    """Convert ``quant_dequant``'s ``(scale, zero, q)`` to unsigned codes (sym: shift by 2**(bits-1))."""
+    q, scale, zero = q.detach(), scale.detach(), zero.detach()
+    if scheme.sym:
+        offset = 2 ** (scheme.bits - 1)
+        codes = q + offset
+        zero = torch.full_like(zero, offset)
+    else:
+        codes = q
+    return QuantizedWeight(
+        q=codes.round().to(torch.uint8).contiguous(),
+        scale=scale.to(torch.float16).contiguous(),
+        zero=zero.round().to(torch.int32).contiguous(),
+        bits=scheme.bits,
+        group_size=scheme.group_size,
+        sym=scheme.sym,
+    )
+
+
+@torch.no_grad()
+def quantize(
+    weight: torch.Tensor,
+    scheme: QuantScheme,
+    v: torch.Tensor | None = None,
+    min_scale: torch.Tensor | float | None = None,
+    max_scale: torch.Tensor | float | None = None,
+) -> QuantizedWeight:
+    """Final (no-grad) quantization with optional tuned ``v`` / ``min_scale`` / ``max_scale``."""
+    _, scale, zero, q = quant_dequant(weight, scheme, v=v, min_scale=min_scale, max_scale=max_scale)
+    return to_quantized_weight(q, scale, zero, scheme)
+
+
+def quantize_rtn(weight: torch.Tensor, scheme: QuantScheme) -> QuantizedWeight:
+    """Round-to-nearest quantization (``quant_dequant`` with ``v = 0``)."""
+    return quantize(weight, scheme)

@@ -1,0 +1,46 @@
+"""The exported checkpoint loads with transformers (+ auto-round) and matches qrunner's own evaluation."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import run_inprocess, tiny_overrides
+
+pytest.importorskip("auto_round")
+
+
+def _loaded_perplexity(export_dir: str, cfg_overrides) -> float:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from conftest import compose
+    from qrunner.stages.evaluate import evaluation_windows, perplexity
+
+    cfg, _ = compose(cfg_overrides)
+    model = AutoModelForCausalLM.from_pretrained(export_dir, dtype=torch.float32)
+    assert type(model).__name__ == "LlamaForCausalLM"
+    qlinear = model.model.layers[0].mlp.down_proj
+    assert type(qlinear).__name__ != "Linear", "the loader did not use quantized linear layers"
+    windows = evaluation_windows(cfg, AutoTokenizer.from_pretrained(export_dir))
+    return perplexity(model, windows, 4, "loaded", False)
+
+
+@pytest.mark.parametrize("scheme", [["scheme=w4a16"], ["scheme=w4a16", "scheme.sym=false"], ["scheme=w2a16"]],
+                         ids=["w4-sym", "w4-asym", "w2-sym"])
+def test_tiny_export_loads_and_matches_own_evaluation(tiny_llama, tmp_path, scheme):
+    overrides = tiny_overrides(tiny_llama, tmp_path, *scheme)
+    report = run_inprocess(overrides)
+    qconfig = json.loads((Path(report["export_dir"]) / "config.json").read_text())["quantization_config"]
+    assert qconfig["quant_method"] == "auto-round"
+    assert qconfig["packing_format"] == ("auto_round:auto_gptq" if "scheme.sym=false" not in scheme else "auto_round")
+    loaded = _loaded_perplexity(report["export_dir"], overrides)
+    ours = report["quality"]["ppl_quantized"]
+    assert abs(loaded - ours) / ours < 0.005, (loaded, ours)
+
+
+def test_demo_export_loads_and_matches_own_evaluation(tmp_path):
+    overrides = [f"run.root={tmp_path}"]
+    report = run_inprocess(overrides)
+    loaded = _loaded_perplexity(report["export_dir"], overrides)
+    ours = report["quality"]["ppl_quantized"]
+    assert abs(loaded - ours) / ours < 0.005, (loaded, ours)
