@@ -89,7 +89,7 @@ def _field(record: Any, text_field: str, where: str, key: str) -> str:
 
 
 def tokenize_documents(tokenizer: Any, docs: List[str]) -> List[List[int]]:
-    return tokenizer(docs, add_special_tokens=False)["input_ids"]
+    return tokenizer(docs, add_special_tokens=False, verbose=False)["input_ids"]
 
 
 def concatenated_windows(token_docs: List[List[int]], seqlen: int, separator: int | None) -> torch.Tensor:

@@ -40,6 +40,7 @@ def setup_logging(run_dir: Path) -> logging.Logger:
     log = logging.getLogger("qrunner")
     log.setLevel(logging.INFO)
     log.propagate = False
+    log.disabled = False  # Hydra re-configures logging for every job of a sweep
     for handler in list(log.handlers):
         log.removeHandler(handler)
         handler.close()

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, List, Optional
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from qrunner.models.adapter import FamilyAdapter, LayerPlan
@@ -50,8 +50,10 @@ class ModelSession:
 
     @cached_property
     def layer_plan(self) -> List[LayerPlan]:
-        return self.adapter.plan_layers(self.skeleton, self.block_lists, self.cfg.scheme.group_size,
-                                        list(self.cfg.quant.ignore_layers), group_size_source=self.group_size_source)
+        q, s = self.cfg.quant, self.cfg.scheme
+        overrides = [(rx, dict(OmegaConf.to_container(o))) for rx, o in q.layer_overrides.items()]
+        return self.adapter.plan_layers(self.skeleton, self.block_lists, int(s.bits), int(s.group_size), bool(s.sym),
+                                        list(q.ignore_layers), overrides, group_size_source=self.group_size_source)
 
     def preflight(self, group_size_source: str = "") -> None:
         """Architecture, block names and layer shapes against the config, on the meta skeleton."""

@@ -10,7 +10,7 @@ from conftest import run_inprocess, tiny_overrides
 pytest.importorskip("auto_round")
 
 
-def _loaded_perplexity(export_dir: str, cfg_overrides) -> float:
+def loaded_perplexity(export_dir: str, cfg_overrides) -> float:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from conftest import compose
@@ -33,14 +33,20 @@ def test_tiny_export_loads_and_matches_own_evaluation(tiny_llama, tmp_path, sche
     qconfig = json.loads((Path(report["export_dir"]) / "config.json").read_text())["quantization_config"]
     assert qconfig["quant_method"] == "auto-round"
     assert qconfig["packing_format"] == ("auto_round:auto_gptq" if "scheme.sym=false" not in scheme else "auto_round")
-    loaded = _loaded_perplexity(report["export_dir"], overrides)
+    loaded = loaded_perplexity(report["export_dir"], overrides)
     ours = report["quality"]["ppl_quantized"]
     assert abs(loaded - ours) / ours < 0.005, (loaded, ours)
 
 
-def test_demo_export_loads_and_matches_own_evaluation(tmp_path):
-    overrides = [f"run.root={tmp_path}"]
+def test_layer_overrides_and_ignored_layers_go_to_extra_config_and_load(tiny_llama, tmp_path):
+    overrides = tiny_overrides(tiny_llama, tmp_path, "quant.iters=20", "+quant.layer_overrides={down_proj:{bits:8}}",
+                               "quant.ignore_layers=[layers\\.1\\.self_attn\\.o_proj]")
     report = run_inprocess(overrides)
-    loaded = _loaded_perplexity(report["export_dir"], overrides)
+    qconfig = json.loads((Path(report["export_dir"]) / "config.json").read_text())["quantization_config"]
+    extra = qconfig["extra_config"]
+    assert extra["model.layers.1.self_attn.o_proj"] == {"bits": 16}
+    assert all(extra[f"model.layers.{i}.mlp.down_proj"] == {"bits": 8} for i in range(3))
+    assert len(extra) == 4
+    loaded = loaded_perplexity(report["export_dir"], overrides)
     ours = report["quality"]["ppl_quantized"]
     assert abs(loaded - ours) / ours < 0.005, (loaded, ours)

@@ -106,3 +106,21 @@ def test_explicit_output_dir_is_used_exactly_and_foreign_folders_are_refused(tin
     with pytest.raises(UserError, match="not a checkpoint qrunner wrote"):
         run_inprocess(tiny_overrides(tiny_llama, tmp_path / "runs", f"export.output_dir={foreign}"))
     assert (foreign / "keep.txt").read_text() == "user data"
+
+
+def test_two_runs_of_the_same_config_give_byte_identical_exports(tiny_llama, tmp_path):
+    a = run_inprocess(tiny_overrides(tiny_llama, tmp_path / "a", "quant.iters=30"))
+    b = run_inprocess(tiny_overrides(tiny_llama, tmp_path / "b", "quant.iters=30"))
+    assert tree_bytes(Path(a["export_dir"])) == tree_bytes(Path(b["export_dir"]))
+    assert a["block_loss"] == b["block_loss"]
+    assert all(after <= before for before, after in zip(a["block_loss_rtn"], a["block_loss"]))
+
+
+def test_opt_rtn_variant_runs_and_differs_from_plain_rtn(tiny_llama, tmp_path):
+    plain = run_inprocess(tiny_overrides(tiny_llama, tmp_path, "quant.iters=0"))
+    opt = run_inprocess(tiny_overrides(tiny_llama, tmp_path, "quant.iters=0", "quant.opt_rtn=true"))
+    assert plain["run_dir"] != opt["run_dir"]
+    # the RTN reference of opt_rtn is plain RTN; on block 0 both chains have the same inputs
+    assert opt["block_loss_rtn"][0] == plain["block_loss"][0]
+    assert sum(opt["block_loss"]) < sum(plain["block_loss"])
+    assert tree_bytes(Path(opt["export_dir"])) != tree_bytes(Path(plain["export_dir"]))

@@ -63,12 +63,37 @@ class SchemeConfig:
 
 
 @dataclass
+class LayerOverride:
+    bits: Optional[int] = None
+    group_size: Optional[int] = None
+    sym: Optional[bool] = None
+
+
+@dataclass
 class QuantConfig:
-    # 0 = round-to-nearest; AutoRound sign-gradient tuning uses iters > 0
-    iters: int = 0
+    # AutoRound sign-gradient iterations per block; 0 = round-to-nearest
+    iters: int = 200
+    # learning rate of the rounding offsets; null = 1/iters. min/max range lr; null = lr
+    lr: Optional[float] = None
+    minmax_lr: Optional[float] = None
+    # samples per tuning step, and steps accumulated per update
+    batch_size: int = 8
+    grad_accum: int = 1
+    # tune the per-group min/max range as well as the rounding
+    minmax_tuning: bool = True
+    # tune block k on the outputs of the already-quantized blocks 0..k-1 (targets stay the original chain's)
+    quantized_inputs: bool = True
+    # iters=0 only: importance-weighted range search (per-input-channel mean x^2) instead of plain RTN
+    opt_rtn: bool = False
+    # run the block forward under bfloat16 autocast while tuning (loss stays fp32)
+    amp_bf16: bool = False
+    # torch.compile the block forward while tuning
+    compile: bool = False
     seed: int = 42
     # regexes of layer names (e.g. "mlp.down_proj") left in full precision
     ignore_layers: List[str] = field(default_factory=list)
+    # regex of layer names -> bits / group_size / sym differing from the scheme (first match wins)
+    layer_overrides: Dict[str, LayerOverride] = field(default_factory=dict)
 
 
 @dataclass

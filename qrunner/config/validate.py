@@ -78,9 +78,25 @@ def validate(cfg: DictConfig, provenance: Provenance) -> None:
 
     if cfg.quant.iters < 0:
         raise bad("quant.iters", "0 (round-to-nearest) or a positive number of tuning iterations")
-    if cfg.quant.iters > 0:
-        raise bad("quant.iters", "0", "AutoRound tuning (iters > 0) is not available in this version yet; "
-                  "use quant.iters=0 for round-to-nearest")
+    for key in ("quant.lr", "quant.minmax_lr"):
+        value = OmegaConf.select(cfg, key)
+        if value is not None and value <= 0:
+            raise bad(key, "a positive number, or null for the default (1/iters)")
+    for key in ("quant.batch_size", "quant.grad_accum"):
+        if OmegaConf.select(cfg, key) <= 0:
+            raise bad(key, "a positive integer")
+    if cfg.quant.opt_rtn and cfg.quant.iters > 0:
+        raise bad("quant.opt_rtn", "false when quant.iters > 0", "opt_rtn is the iters=0 variant; set quant.iters=0")
+    for pattern, override in cfg.quant.layer_overrides.items():
+        key = f"quant.layer_overrides.{pattern}"
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise bad(key, f"a Python regular expression as the key ({err})")
+        if override.bits is not None and override.bits not in SUPPORTED_BITS + (16,):
+            raise bad(f"{key}.bits", ", ".join(map(str, SUPPORTED_BITS + (16,))) + " (16 = keep in full precision)")
+        if override.group_size is not None and override.group_size != -1 and override.group_size <= 0:
+            raise bad(f"{key}.group_size", "-1 or a positive integer dividing the layer's input size")
     for i, pattern in enumerate(cfg.quant.ignore_layers):
         try:
             re.compile(pattern)

@@ -20,6 +20,9 @@ class LayerPlan:
     out_features: int
     quantize: bool
     reason: str = ""  # why it is left in full precision
+    bits: int = 16
+    group_size: int = -1
+    sym: bool = True
 
 
 class StopForward(Exception):
@@ -80,27 +83,45 @@ class FamilyAdapter:
     def linears(self, block: nn.Module) -> List[Tuple[str, nn.Linear]]:
         return [(n, m) for n, m in block.named_modules() if isinstance(m, nn.Linear)]
 
-    def plan_layers(self, model: nn.Module, block_lists: Sequence[str], group_size: int,
-                    ignore: Sequence[str], kernel_multiple: int = 32, group_size_source: str = "") -> List[LayerPlan]:
+    def plan_layers(self, model: nn.Module, block_lists: Sequence[str], bits: int, group_size: int, sym: bool,
+                    ignore: Sequence[str], overrides: Sequence[Tuple[str, Dict[str, Any]]] = (),
+                    kernel_multiple: int = 32, group_size_source: str = "") -> List[LayerPlan]:
+        """Decide, for every linear layer inside the blocks, whether and how it is quantized.
+
+        `overrides` are (regex, {bits/group_size/sym}) pairs; the first whose regex matches a layer's
+        full name sets what differs from the scheme. bits=16 keeps a layer in full precision.
+        """
         patterns = [re.compile(p) for p in ignore]
+        compiled = [(re.compile(rx), {k: v for k, v in o.items() if v is not None}) for rx, o in overrides]
         plans: List[LayerPlan] = []
         for block_name, block in self.blocks(model, block_lists):
             for rel, layer in self.linears(block):
                 full = f"{block_name}.{rel}"
                 fin, fout = layer.in_features, layer.out_features
+                spec = {"bits": bits, "group_size": group_size, "sym": sym}
+                source = group_size_source
+                for rx, override in compiled:
+                    if rx.search(full):
+                        spec.update(override)
+                        if "group_size" in override:
+                            source = f"quant.layer_overrides[{rx.pattern!r}]"
+                        break
                 if any(p.search(full) for p in patterns):
                     plans.append(LayerPlan(full, fin, fout, False, "matches quant.ignore_layers"))
+                elif spec["bits"] >= 16:
+                    plans.append(LayerPlan(full, fin, fout, False, "bits=16 in quant.layer_overrides"))
                 elif fin % kernel_multiple or fout % kernel_multiple:
                     plans.append(LayerPlan(full, fin, fout, False,
                                            f"in/out features not divisible by {kernel_multiple} (loader kernels)"))
-                elif group_size > 0 and fin % group_size:
+                elif spec["group_size"] > 0 and fin % spec["group_size"]:
                     divisors = [g for g in (32, 64, 128, 256) if fin % g == 0]
-                    where = f" (set in {group_size_source})" if group_size_source else ""
-                    raise UserError(f"scheme.group_size={group_size}{where} does not divide the input size {fin} of "
-                                    f"layer {full}; allowed: -1 (per row) or a divisor of {fin} such as "
+                    where = f" (set in {source})" if source else ""
+                    raise UserError(f"scheme.group_size={spec['group_size']}{where} does not divide the input size "
+                                    f"{fin} of layer {full}; allowed: -1 (per row) or a divisor of {fin} such as "
                                     f"{', '.join(map(str, divisors)) or fin}.")
                 else:
-                    plans.append(LayerPlan(full, fin, fout, True))
+                    plans.append(LayerPlan(full, fin, fout, True, "", int(spec["bits"]), int(spec["group_size"]),
+                                           bool(spec["sym"])))
         return plans
 
     # ---- calibration ---------------------------------------------------------------------

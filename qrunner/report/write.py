@@ -30,6 +30,7 @@ def build_report(cfg_plain: Dict[str, Any], run_dir: Path, results: List[StageRe
         "stages": [asdict(r) for r in results],
         "quality": {k: v for k, v in (evaluation.metrics if evaluation else {}).items() if k.startswith("ppl")},
         "block_loss": quantize.metrics.get("block_loss", []) if quantize else [],
+        "block_loss_rtn": quantize.metrics.get("block_loss_rtn", []) if quantize else [],
         "export_dir": export.metrics.get("output_dir") if export else None,
         "memory_timeline": monitor.timeline(),
     }
@@ -70,12 +71,18 @@ def plot_block_loss(report: Dict[str, Any], file: Path) -> Optional[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 2.8))
-    ax.bar(range(len(losses)), losses, color="tab:green")
+    import numpy as np
+
+    rtn = report.get("block_loss_rtn") or losses
+    x = np.arange(len(losses))
+    fig, ax = plt.subplots(figsize=(7, 3))
+    ax.bar(x - 0.2, rtn, width=0.4, color="tab:grey", label="before tuning (RTN)")
+    ax.bar(x + 0.2, losses, width=0.4, color="tab:green", label="after tuning")
     ax.set_yscale("log")
     ax.set_xlabel("block")
-    ax.set_ylabel("output MSE")
-    ax.set_title("per-block loss (quantized vs original block output)")
+    ax.set_ylabel("output MSE vs original")
+    ax.set_title("per-block loss")
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(file, dpi=110)
     plt.close(fig)
@@ -106,8 +113,9 @@ def markdown(report: Dict[str, Any], images: List[Path]) -> str:
             if key in q:
                 lines.append(f"| {key.replace('ppl_', '')} | {q[key]:.4f} |")
     if report["block_loss"]:
-        lines += ["", "| block | loss |", "|---:|---:|"]
-        lines += [f"| {i} | {v:.3e} |" for i, v in enumerate(report["block_loss"])]
+        rtn = report.get("block_loss_rtn") or report["block_loss"]
+        lines += ["", "| block | loss before tuning (RTN) | loss after |", "|---:|---:|---:|"]
+        lines += [f"| {i} | {b:.3e} | {a:.3e} |" for i, (b, a) in enumerate(zip(rtn, report["block_loss"]))]
     for image in images:
         lines += ["", f"![{image.stem}]({image.name})"]
     return "\n".join(lines) + "\n"

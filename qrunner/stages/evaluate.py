@@ -11,7 +11,7 @@ from qrunner.data_sources import concatenated_windows, read_documents, tokenize_
 from qrunner.errors import UserError
 from qrunner.models.adapter import get_module
 from qrunner.pipeline.stage import Stage, StageContext, register_stage
-from qrunner.stages.quantize import quantized_layers, scheme_of
+from qrunner.stages.quantize import quantized_layers
 
 
 def perplexity(model: torch.nn.Module, windows: torch.Tensor, batch_size: int, desc: str, show: bool) -> float:
@@ -58,7 +58,7 @@ class EvaluateStage(Stage):
         if cfg.eval.original:
             metrics["ppl_original"] = perplexity(session.model(), windows, bs, "eval original", show)
         model = session.take_model()  # weights are replaced below; later stages must reload
-        for name, qw in quantized_layers(ctx.inputs["quantize"], scheme_of(cfg)).items():
+        for name, qw in quantized_layers(ctx.inputs["quantize"]).items():
             layer = get_module(model, name)
             layer.weight.data = qw.dequantize(layer.weight.dtype)
         metrics["ppl_quantized"] = perplexity(model, windows, bs, "eval quantized", show)

@@ -51,7 +51,8 @@ class ExportStage(Stage):
     name = "export"
     needs = ("load", "quantize")
     reads = ("export.format", "export.output_dir", "export.max_shard_size", "scheme.bits", "scheme.group_size",
-             "scheme.sym", "scheme.data_type", "quant.iters")
+             "scheme.sym", "scheme.data_type", "quant.iters", "quant.lr", "quant.minmax_lr", "quant.batch_size",
+             "quant.grad_accum", "quant.minmax_tuning", "quant.quantized_inputs", "data.nsamples", "data.seqlen")
     version = 1
     description = "quantized checkpoint"
 
@@ -68,7 +69,7 @@ class ExportStage(Stage):
         remove_tree(tmp)
         tmp.mkdir()
 
-        layers = quantized_layers(ctx.inputs["quantize"], scheme)
+        layers = quantized_layers(ctx.inputs["quantize"])
         writer = ShardedSafetensorsWriter(tmp, parse_size(cfg.export.max_shard_size))
         packed: set = set()
         for shard in source_shards(session.model_dir):
@@ -93,8 +94,8 @@ class ExportStage(Stage):
         shards = writer.close()
         fault_point("export.shards_written")
 
-        extra = {p["name"]: {"bits": 16} for p in info["layers"] if not p["quantize"]}
-        qconfig = quantization_config(scheme, info["block_lists"], int(cfg.quant.iters), extra)
+        qconfig = quantization_config(scheme, info["block_lists"], int(cfg.quant.iters),
+                                      extra_config(info["layers"], scheme), **tuning_record(cfg))
         config = json.loads((session.model_dir / "config.json").read_text())
         config["quantization_config"] = qconfig
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -122,6 +123,30 @@ class ExportStage(Stage):
             if not file.is_file() or file.stat().st_size != size:
                 return f"{file} is missing or changed"
         return None
+
+
+def extra_config(layers: List[Dict[str, Any]], scheme: Any) -> Dict[str, Dict[str, Any]]:
+    """Per-layer keys that differ from the scheme; {"bits": 16} for layers left in full precision."""
+    extra: Dict[str, Dict[str, Any]] = {}
+    for p in layers:
+        if not p["quantize"]:
+            extra[p["name"]] = {"bits": 16}
+            continue
+        diff = {k: p[k] for k in ("bits", "group_size", "sym") if p[k] != getattr(scheme, k)}
+        if diff:
+            extra[p["name"]] = diff
+    return extra
+
+
+def tuning_record(cfg: DictConfig) -> Dict[str, Any]:
+    """The tuning settings AutoRound records in quantization_config (written where they differ from its defaults)."""
+    q = cfg.quant
+    iters = int(q.iters)
+    lr = q.lr if q.lr is not None else (1.0 / iters if iters else None)
+    return {"lr": lr, "minmax_lr": q.minmax_lr if q.minmax_lr is not None else lr,
+            "batch_size": int(q.batch_size), "gradient_accumulate_steps": int(q.grad_accum),
+            "enable_minmax_tuning": bool(q.minmax_tuning), "enable_quanted_input": bool(q.quantized_inputs),
+            "nsamples": int(cfg.data.nsamples), "seqlen": int(cfg.data.seqlen)}
 
 
 def _copy_side_files(src: Path, dst: Path) -> List[str]:

@@ -12,7 +12,7 @@ from qrunner.pipeline.stage import Stage, StageContext, register_stage
 class LoadStage(Stage):
     name = "load"
     reads = ("model.path", "model.trust_remote_code", "family.name", "family.block_names",
-             "scheme.group_size", "quant.ignore_layers")
+             "scheme.bits", "scheme.group_size", "scheme.sym", "quant.ignore_layers", "quant.layer_overrides")
     version = 1
     description = "config, tokenizer, meta skeleton, layer plan"
 

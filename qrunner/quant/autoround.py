@@ -1,0 +1,396 @@
+"""AutoRound (SignRound) tuning of ONE block: pure tensors and modules, no files, no config system.
+
+``tune_block`` mirrors ``SignRoundQuantizer.quantize_block`` of auto-round 0.16
+(``auto_round/algorithms/quantization/sign_round/quantizer.py``, ``wrapper.py``,
+``sign_sgd.py``, ``compressors/utils.py``):
+
+* Per listed linear: fp32 tensors ``v`` (zeros, ``[out, in]``), ``min_scale`` and ``max_scale``
+  (ones, ``[out, n_groups]``), used through :func:`qrunner.quant.rtn.quant_dequant` in the
+  forward pass (straight-through rounding). Every other block parameter is frozen.
+* ``min_scale`` / ``max_scale`` are clamped *in place* to [0, 1] before every forward
+  (``WrapperLinear._qdq_weight``: ``min_scale.data.clamp_(0, 1)``). ``v`` is **not** clamped:
+  with the default lr ``1/iters`` and the linear decay, ``|v| <= sum(lr_i) ~= 0.5``.
+* Loss: MSE in fp32 between the block output on a mini-batch and the original chain's
+  outputs, normalised by the number of elements of the whole accumulated batch; the
+  backward runs on ``1000 * loss`` (AutoRound's ``_scale_loss_and_backward``; sign-SGD
+  is scale-invariant, the factor only keeps tiny gradients away from underflow).
+* Optimizer: sign-SGD (``p -= lr * sign(grad)``), one step per iteration after
+  ``grad_accum`` mini-batches, lr decayed by ``torch.optim.lr_scheduler.LinearLR``
+  (start 1.0, end 0.0, ``total_iters=iters``). Separate lr for min/max scales.
+  Default lr: ``1/iters`` (AutoRound: ``2/iters`` for layers with ``bits <= 3`` when
+  ``iters >= 1000``; mirrored per layer); ``minmax_lr`` defaults to the layer's lr.
+* Sampling: AutoRound's ``IndexSampler``: a shuffled permutation of the ``n`` samples is
+  consumed in consecutive chunks of ``min(n, batch_size * grad_accum)`` indices; when
+  fewer than a chunk remain, it reshuffles and starts over (the remainder is dropped).
+  The permutations come from ``torch.randperm(n, generator=generator)``.
+* Best selection: the loss of iteration ``i`` is computed (and the parameters snapshotted
+  if it is strictly lower than the best so far) *before* the optimizer step of iteration
+  ``i``, so the loss belongs to exactly the parameters saved; iteration 0 (v = 0,
+  scales = 1, i.e. plain RTN) takes part. No early stop (``dynamic_max_gap = -1``).
+
+Determinism: mini-batches are drawn only from ``generator``; nothing global is seeded or
+changed. Blocks with randomness of their own (dropout in train mode) use torch's global
+RNG, so the caller seeds torch globally per block as well (the quantize stage derives
+seeds from ``(seed, block index)``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qrunner.quant.rtn import QuantizedWeight, quant_dequant, quantize
+from qrunner.quant.scheme import QuantScheme
+
+__all__ = ["TuneResult", "TuneSettings", "tune_block", "default_lr"]
+
+_LOSS_SCALE = 1000.0  # AutoRound scales the loss before backward
+
+
+@dataclass(frozen=True)
+class TuneSettings:
+    """How :func:`tune_block` tunes.
+
+    ``lr=None`` means ``1/iters`` (``2/iters`` for layers of at most 3 bits when
+    ``iters >= 1000``, as AutoRound); ``minmax_lr=None`` means the layer's lr.
+    ``amp_bf16`` runs the block forward under ``torch.autocast`` (bfloat16) on the
+    inputs' device; the loss stays fp32. ``compile`` wraps ``forward`` with
+    ``torch.compile``, falling back to eager with a warning if compiling fails.
+    """
+
+    iters: int = 200
+    lr: float | None = None
+    minmax_lr: float | None = None
+    batch_size: int = 8
+    grad_accum: int = 1
+    minmax_tuning: bool = True
+    amp_bf16: bool = False
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.iters, bool) or not isinstance(self.iters, int) or self.iters < 0:
+            raise ValueError(f"iters must be an int >= 0, got {self.iters!r}")
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1, got {self.batch_size!r}")
+        if isinstance(self.grad_accum, bool) or not isinstance(self.grad_accum, int) or self.grad_accum < 1:
+            raise ValueError(f"grad_accum must be an int >= 1, got {self.grad_accum!r}")
+        for name in ("lr", "minmax_lr"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0 or None, got {value!r}")
+
+    def layer_lr(self, bits: int) -> float:
+        """Rounding lr for a layer of ``bits`` bits."""
+        return float(self.lr) if self.lr is not None else default_lr(self.iters, bits)
+
+    def layer_minmax_lr(self, bits: int) -> float:
+        """min/max-scale lr for a layer of ``bits`` bits."""
+        return float(self.minmax_lr) if self.minmax_lr is not None else self.layer_lr(bits)
+
+
+def default_lr(iters: int, bits: int) -> float:
+    """AutoRound's automatic lr: ``1/iters``, or ``2/iters`` for ``bits <= 3`` when ``iters >= 1000``."""
+    if iters <= 0:
+        return 0.0
+    if iters >= 1000 and bits <= 3:
+        return 2.0 / iters
+    return 1.0 / iters
+
+
+@dataclass
+class TuneResult:
+    """Outcome of :func:`tune_block`.
+
+    ``params[name]`` holds the best iteration's ``v`` / ``min_scale`` / ``max_scale``
+    (``min_scale``/``max_scale`` are ``None`` without min/max tuning); ``weights[name]`` is
+    ``quantize(weight, scheme, **params[name])``. With ``iters=0`` the weights are plain
+    RTN, ``losses`` is empty and ``best_loss``/``first_loss`` are NaN (nothing was run).
+    """
+
+    weights: dict[str, QuantizedWeight]
+    best_iter: int
+    best_loss: float
+    first_loss: float
+    losses: list[float]
+    seconds: float
+    params: dict[str, dict[str, torch.Tensor | None]] = field(default_factory=dict)
+
+
+class _TunedLinear(nn.Module):
+    """Stands in for an ``nn.Linear`` during tuning: fake-quantized weight, same bias."""
+
+    def __init__(self, linear: nn.Linear, scheme: QuantScheme, minmax_tuning: bool) -> None:
+        super().__init__()
+        self.linear = linear
+        self.scheme = scheme
+        weight = linear.weight.detach()
+        # fp32 copy made once (no copy at all when the weight already is fp32; never written)
+        self.w32 = weight.to(torch.float32)
+        out_features, in_features = weight.shape
+        n_groups = scheme.n_groups(in_features)
+        if in_features % scheme.effective_group_size(in_features) != 0:
+            raise ValueError(
+                f"in_features={in_features} is not divisible by group_size={scheme.group_size}"
+            )
+        self.v = nn.Parameter(torch.zeros(out_features, in_features, dtype=torch.float32, device=weight.device))
+        if minmax_tuning:
+            ones = torch.ones(out_features, n_groups, dtype=torch.float32, device=weight.device)
+            self.min_scale: nn.Parameter | None = nn.Parameter(ones.clone())
+            self.max_scale: nn.Parameter | None = nn.Parameter(ones)
+        else:
+            self.min_scale = None
+            self.max_scale = None
+
+    def clamp_scales_(self) -> None:
+        with torch.no_grad():
+            if self.min_scale is not None:
+                self.min_scale.clamp_(0.0, 1.0)
+                self.max_scale.clamp_(0.0, 1.0)
+
+    def snapshot(self) -> dict[str, torch.Tensor | None]:
+        return {
+            "v": self.v.detach().clone(),
+            "min_scale": None if self.min_scale is None else self.min_scale.detach().clone(),
+            "max_scale": None if self.max_scale is None else self.max_scale.detach().clone(),
+        }
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w_hat, _, _, _ = quant_dequant(self.w32, self.scheme, self.v, self.min_scale, self.max_scale)
+        return F.linear(x, w_hat.to(self.linear.weight.dtype), self.linear.bias)
+
+
+class _SignSGD(torch.optim.Optimizer):
+    """``p -= lr * sign(grad)`` (AutoRound's SignSGD with momentum 0 and no weight decay)."""
+
+    def __init__(self, params, lr: float) -> None:
+        super().__init__(params, dict(lr=lr))
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: D401 - torch API
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.add_(torch.sign(p.grad), alpha=-group["lr"])
+        return None
+
+
+class _IndexSampler:
+    """AutoRound's cyclic shuffled sampler, drawing its permutations from ``generator``."""
+
+    def __init__(self, n: int, batch: int, generator: torch.Generator) -> None:
+        if not 0 < batch <= n:
+            raise ValueError(f"batch must be in (0, {n}], got {batch}")
+        self.n, self.batch, self.generator = n, batch, generator
+        self.perm = torch.randperm(n, generator=generator)
+        self.pos = 0
+
+    def next_batch(self) -> torch.Tensor:
+        if self.pos + self.batch > self.n:
+            self.perm = torch.randperm(self.n, generator=self.generator)
+            self.pos = 0
+        out = self.perm[self.pos : self.pos + self.batch]
+        self.pos += self.batch
+        return out
+
+
+def _swap_in(block: nn.Module, layers: dict[str, QuantScheme], minmax_tuning: bool
+             ) -> dict[str, tuple[nn.Module, str, nn.Linear, _TunedLinear]]:
+    """Build wrappers for every listed linear (validating all first), then swap them in."""
+    plan = {}
+    for name, scheme in layers.items():
+        try:
+            module = block.get_submodule(name)
+        except AttributeError as exc:
+            raise ValueError(f"layer {name!r} not found in block {type(block).__name__}") from exc
+        if not isinstance(module, nn.Linear):
+            raise ValueError(f"layer {name!r} is a {type(module).__name__}, expected nn.Linear")
+        if not isinstance(scheme, QuantScheme):
+            raise TypeError(f"layers[{name!r}] must be a QuantScheme, got {type(scheme).__name__}")
+        parent_name, _, child = name.rpartition(".")
+        parent = block.get_submodule(parent_name) if parent_name else block
+        plan[name] = (parent, child, module, _TunedLinear(module, scheme, minmax_tuning))
+    for parent, child, _, wrapper in plan.values():
+        setattr(parent, child, wrapper)
+    return plan
+
+
+def _swap_out(plan: dict[str, tuple[nn.Module, str, nn.Linear, _TunedLinear]]) -> None:
+    for parent, child, linear, _ in plan.values():
+        setattr(parent, child, linear)
+
+
+def tune_block(
+    block: nn.Module,
+    layers: dict[str, QuantScheme],
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    forward: Callable[[nn.Module, torch.Tensor], torch.Tensor],
+    settings: TuneSettings,
+    generator: torch.Generator,
+    progress: Callable[[int, float], None] | None = None,
+) -> TuneResult:
+    """Tune the rounding (``v``) and range (``min_scale``/``max_scale``) of ``layers`` in ``block``.
+
+    Args:
+        block: the block; left exactly as it came in (same modules, weights, requires_grad).
+        layers: linear name relative to ``block`` (e.g. ``"mlp.down_proj"``) -> its scheme.
+        inputs: ``[n, ...]`` block inputs, one row per calibration sample.
+        targets: ``[n, ...]`` the original (unquantized) chain's block outputs for those samples.
+        forward: ``forward(block, x_batch) -> output`` on a mini-batch (shared kwargs such as
+            rotary embeddings are closed over by the caller).
+        settings: see :class:`TuneSettings`.
+        generator: the only source of randomness (mini-batch sampling).
+        progress: called as ``progress(iteration, loss)`` after every iteration.
+    """
+    start = time.perf_counter()
+    if inputs.shape[0] != targets.shape[0]:
+        raise ValueError(f"inputs and targets differ in samples: {inputs.shape[0]} vs {targets.shape[0]}")
+    n = int(inputs.shape[0])
+    if settings.iters > 0 and n == 0:
+        raise ValueError("no calibration samples")
+    if not layers:
+        return TuneResult({}, 0, float("nan"), float("nan"), [], time.perf_counter() - start, {})
+
+    plan = _swap_in(block, layers, settings.minmax_tuning)
+    wrappers = {name: entry[3] for name, entry in plan.items()}
+    grad_flags = [(p, p.requires_grad) for p in _unique_params(block, wrappers)]
+    losses: list[float] = []
+    best_iter, best_loss = 0, float("nan")
+    best = {name: w.snapshot() for name, w in wrappers.items()}
+    try:
+        for p, _ in grad_flags:
+            p.requires_grad_(False)
+        if settings.iters > 0:
+            best_iter, best_loss, best = _optimize(
+                wrappers, block, inputs, targets, forward, settings, generator, progress, losses
+            )
+    finally:
+        for w in wrappers.values():
+            for p in (w.v, w.min_scale, w.max_scale):
+                if p is not None:
+                    p.grad = None
+        _swap_out(plan)
+        for p, flag in grad_flags:
+            p.requires_grad_(flag)
+
+    weights = {}
+    for name, w in wrappers.items():
+        if settings.iters == 0:
+            weights[name] = quantize(w.linear.weight, w.scheme)
+        else:
+            weights[name] = quantize(w.linear.weight, w.scheme, **best[name])
+    first_loss = losses[0] if losses else float("nan")
+    return TuneResult(weights, best_iter, best_loss, first_loss, losses, time.perf_counter() - start, best)
+
+
+def _unique_params(block: nn.Module, wrappers: dict[str, _TunedLinear]) -> list[nn.Parameter]:
+    """The block's own parameters (the tuning parameters of the wrappers excluded)."""
+    own = {id(p) for w in wrappers.values() for p in (w.v, w.min_scale, w.max_scale) if p is not None}
+    seen, out = set(), []
+    for p in block.parameters():
+        if id(p) not in own and id(p) not in seen:
+            seen.add(id(p))
+            out.append(p)
+    return out
+
+
+def _optimize(wrappers, block, inputs, targets, forward, settings, generator, progress, losses):
+    groups = []
+    for w in wrappers.values():
+        groups.append({"params": [w.v], "lr": settings.layer_lr(w.scheme.bits)})
+    if settings.minmax_tuning:
+        for w in wrappers.values():
+            groups.append({"params": [w.min_scale, w.max_scale], "lr": settings.layer_minmax_lr(w.scheme.bits)})
+    optimizer = _SignSGD(groups, lr=groups[0]["lr"])
+    schedule = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1.0, end_factor=0.0,
+                                                 total_iters=settings.iters)
+    tuned = [p for g in groups for p in g["params"]]
+
+    n = int(inputs.shape[0])
+    batch_size = settings.batch_size
+    global_batch = min(n, batch_size * settings.grad_accum)
+    sampler = _IndexSampler(n, global_batch, generator)
+    per_sample = int(targets[0].numel()) if targets.dim() > 0 else 1
+    numel_global = float(global_batch * per_sample)
+    if settings.amp_bf16:
+        amp = lambda: torch.autocast(device_type=inputs.device.type, dtype=torch.bfloat16)  # noqa: E731
+    else:
+        amp = contextlib.nullcontext
+
+    fwd = forward
+    compile_pending = False
+    if settings.compile:
+        try:
+            fwd = torch.compile(forward)
+            compile_pending = True
+        except Exception as exc:  # pragma: no cover - depends on the torch build
+            warnings.warn(f"torch.compile failed ({type(exc).__name__}: {exc}); tuning in eager mode",
+                          RuntimeWarning, stacklevel=3)
+            fwd = forward
+
+    def run_iteration(fn, indices: torch.Tensor) -> float:
+        for w in wrappers.values():
+            w.clamp_scales_()
+        total = 0.0
+        for b in range(0, global_batch, batch_size):
+            mb = indices[b : b + batch_size]
+            x = inputs.index_select(0, mb.to(inputs.device))
+            y = targets.index_select(0, mb.to(targets.device))
+            with amp():
+                out = fn(block, x)
+            y = y.to(out.device)
+            if out.shape != y.shape:
+                raise ValueError(f"forward returned shape {tuple(out.shape)}, targets have {tuple(y.shape)}")
+            loss = F.mse_loss(out.to(torch.float32), y.to(torch.float32), reduction="sum") / numel_global
+            total += float(loss.item())
+            (loss * _LOSS_SCALE).backward()
+        return total
+
+    best_iter, best_loss = 0, math.inf
+    best = None
+    with torch.enable_grad():
+        for i in range(settings.iters):
+            indices = sampler.next_batch()
+            if compile_pending:
+                try:
+                    total = run_iteration(fwd, indices)
+                except Exception as exc:
+                    warnings.warn(f"torch.compile'd forward failed ({type(exc).__name__}: {exc}); "
+                                  "tuning in eager mode", RuntimeWarning, stacklevel=3)
+                    for p in tuned:
+                        p.grad = None
+                    fwd = forward
+                    total = run_iteration(fwd, indices)
+                compile_pending = False
+            else:
+                total = run_iteration(fwd, indices)
+            losses.append(total)
+            if total < best_loss:  # strict, as AutoRound: ties keep the earlier iteration
+                best_loss, best_iter = total, i
+                best = {name: w.snapshot() for name, w in wrappers.items()}
+            if progress is not None:
+                progress(i, total)
+            optimizer.step()
+            for p in tuned:
+                p.grad = None
+            schedule.step()
+    if best is None:  # every loss was NaN/inf: keep RTN (iteration 0's parameters are v=0, scales=1)
+        best_iter, best_loss = 0, losses[0]
+        best = {name: _initial_params(w) for name, w in wrappers.items()}
+    return best_iter, best_loss, best
+
+
+def _initial_params(w: _TunedLinear) -> dict[str, torch.Tensor | None]:
+    return {
+        "v": torch.zeros_like(w.v),
+        "min_scale": None if w.min_scale is None else torch.ones_like(w.min_scale),
+        "max_scale": None if w.max_scale is None else torch.ones_like(w.max_scale),
+    }
