@@ -58,13 +58,15 @@ def execute(cfg: DictConfig, recipe: str, choices: dict, overrides: List[str]) -
         log.info("run directory %s", run_dir)
         memory = {"mode": cfg.memory.mode.value}
         if memory["mode"] == "auto":
-            memory = choose_mode(cfg, session.hf_config, session.model_dir)
+            memory = choose_mode(cfg, session)
             log.info("memory=auto: predicted peak %s MB, budget %.1f GB -> %s", memory["predicted_peak_mb"],
                      memory["budget_gb"], memory["mode"])
             if memory["mode"] is None:
-                raise UserError(f"memory=auto: no supported memory mode fits memory.budget_gb={memory['budget_gb']} "
-                                f"(predicted {memory['predicted_peak_mb']} MB); raise memory.budget_gb or set "
-                                "memory=high to try anyway")
+                raise UserError(f"memory=auto: no memory mode fits memory.budget_gb={memory['budget_gb']} "
+                                f"(predicted peaks {memory['predicted_peak_mb']} MB); raise memory.budget_gb, "
+                                "lower data.nsamples / data.seqlen, or set memory=low to try anyway")
+        session.memory_mode = memory["mode"]
+        log.info("memory mode: %s", memory["mode"])
         save_config(run_dir, OmegaConf.to_yaml(cfg, resolve=True), overrides)
         runner = Runner(cfg, run_dir, adapter.stages, session, log, monitor, model_identity(session.model_dir),
                         forbidden_keys=schema.NON_SEMANTIC_KEYS)

@@ -2,14 +2,17 @@
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Iterator, List, Optional, Tuple
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from qrunner.memory.streaming import CheckpointReader, materialize_tensors, module_tensor_names, release_tensors
+from qrunner.memory.trim import release_freed_memory
 from qrunner.models.adapter import FamilyAdapter, LayerPlan
 
 
@@ -26,6 +29,18 @@ class ModelSession:
         self.compute_dtype = torch_dtype(cfg.model.compute_dtype)
         self._model: Optional[nn.Module] = None
         self.group_size_source = ""
+        # the memory mode in force (memory=auto resolved); never part of a fingerprint
+        self.memory_mode = "high"
+
+    @property
+    def streams_blocks(self) -> bool:
+        """medium/low: the model stays a meta skeleton; modules are read from the shards when needed."""
+        return self.memory_mode in ("medium", "low")
+
+    @property
+    def activations_on_disk(self) -> bool:
+        """low: block inputs and targets live in row files and are read per mini-batch."""
+        return self.memory_mode == "low"
 
     @cached_property
     def hf_config(self) -> Any:
@@ -79,3 +94,52 @@ class ModelSession:
 
     def blocks(self, model: nn.Module):
         return self.adapter.blocks(model, self.block_lists)
+
+    # ---- access by memory mode ----------------------------------------------------------------
+    @cached_property
+    def reader(self) -> CheckpointReader:
+        tied = self.skeleton.get_expanded_tied_weights_keys(all_submodels=True)
+        return CheckpointReader(self.model_dir, tied)
+
+    def block_names(self) -> List[str]:
+        return [name for name, _ in self.blocks(self.skeleton)]
+
+    @contextmanager
+    def block(self, index: int) -> Iterator[Tuple[str, nn.Module]]:
+        """Block `index` with real weights: from the loaded model (high) or streamed from the shards."""
+        if not self.streams_blocks:
+            yield self.blocks(self.model())[index]
+            return
+        name, block = self.blocks(self.skeleton)[index]
+        names = [f"{name}.{t}" for t in module_tensor_names(block)]
+        materialize_tensors(self.skeleton, names, self.reader, self.compute_dtype)
+        try:
+            yield name, block
+        finally:
+            release_tensors(self.skeleton, names)
+            release_freed_memory()
+
+    @contextmanager
+    def input_model(self) -> Iterator[nn.Module]:
+        """The model able to run up to its first block (capture): in medium/low, only the modules before
+        the blocks (embeddings) are read; blocks and the output head stay on the meta device."""
+        if not self.streams_blocks:
+            yield self.model()
+            return
+        names = self.adapter.input_tensor_names(self.skeleton, self.block_lists)
+        materialize_tensors(self.skeleton, names, self.reader, self.compute_dtype)
+        try:
+            yield self.skeleton
+        finally:
+            release_tensors(self.skeleton, names)
+
+    @contextmanager
+    def head_model(self) -> Iterator[nn.Module]:
+        """The skeleton with the output head (final norm, lm_head) read from the shards (evaluate)."""
+        names = self.adapter.head_tensor_names(self.skeleton)
+        materialize_tensors(self.skeleton, names, self.reader, self.compute_dtype)
+        try:
+            yield self.skeleton
+        finally:
+            release_tensors(self.skeleton, names)
+

@@ -59,7 +59,7 @@ def test_unknown_key_on_command_line():
     ("scheme.group_size=0", "scheme.group_size", "-1"),
     ("quant.iters=-3", "quant.iters", "0 (round-to-nearest)"),
     ("data.nsamples=0", "data.nsamples", "positive integer"),
-    ("memory=low", "memory.mode", "auto, high"),
+    ("memory.budget_gb=-1", "memory.budget_gb", "positive number of GB"),
     ("export.max_shard_size=lots", "export.max_shard_size", "5GB"),
 ])
 def test_bad_values_name_key_value_allowed_and_source(override, key, allowed):

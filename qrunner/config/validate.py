@@ -12,7 +12,7 @@ from qrunner.config.provenance import Provenance
 from qrunner.errors import ConfigValueError, UserError
 
 SUPPORTED_BITS = (2, 3, 4, 8)
-SUPPORTED_MEMORY_MODES = ("auto", "high")
+SUPPORTED_MEMORY_MODES = ("auto", "high", "medium", "low")
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
                "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
@@ -105,8 +105,7 @@ def validate(cfg: DictConfig, provenance: Provenance) -> None:
 
     mode = cfg.memory.mode.value if hasattr(cfg.memory.mode, "value") else str(cfg.memory.mode)
     if mode not in SUPPORTED_MEMORY_MODES:
-        raise bad("memory.mode", ", ".join(SUPPORTED_MEMORY_MODES),
-                  f"memory={mode} is not yet supported in this version; use memory=high or memory=auto")
+        raise bad("memory.mode", ", ".join(SUPPORTED_MEMORY_MODES))
     if cfg.memory.budget_gb is not None and cfg.memory.budget_gb <= 0:
         raise bad("memory.budget_gb", "a positive number of GB, or null for 80 % of available RAM")
 

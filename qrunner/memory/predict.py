@@ -1,36 +1,67 @@
-"""Predict each memory mode's peak RSS from the checkpoint and data settings (for memory=auto)."""
+"""Predict each memory mode's peak RSS from the model skeleton and the data settings (for memory=auto).
+
+The figures are estimates of what is resident at the worst moment of the quantize stage, the one that
+dominates every mode:
+
+- every mode: the interpreter with torch and transformers imported, the block being tuned (its weights in
+  the compute dtype, and per quantized weight element the fp32 rounding offset, its gradient, the best
+  iteration's copy and the dequantized weight), and one mini-batch's forward/backward activations;
+- `high`: plus the whole model in the compute dtype, and the four activation sets of the block
+  (quantized-chain inputs, original-chain inputs, targets, outputs), each nsamples x seqlen x hidden;
+- `medium`: plus the larger of the input embeddings (capture) and the output head (evaluate), and the
+  four activation sets;
+- `low`: plus the larger of the embeddings and the head; activations are read from disk per mini-batch.
+"""
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Dict
 
 import psutil
+import torch
 
-INTERPRETER_MB = 600.0  # python + torch + transformers imported
+INTERPRETER_MB = 450.0  # python + torch + transformers + qrunner imported (measured: 420-480 MB)
 GB = 1024**3
+MB = 1024**2
+ORDER = ("high", "medium", "low")  # fastest first
 
 
-def checkpoint_bytes(model_dir: Path) -> int:
-    return sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
+def _numel(model: torch.nn.Module, names) -> int:
+    params = dict(model.named_parameters(remove_duplicate=False))
+    return sum(params[n].numel() for n in names if n in params)
 
 
-def predict_high_mb(cfg: Any, hf_config: Any, model_dir: Path) -> float:
-    """Whole model in the compute dtype, plus hidden states of every sample (inputs, outputs, targets)."""
-    source_dtype = str(getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", "") or "")
-    source_bytes_per_param = 4 if "32" in source_dtype else 2
-    compute_bytes = 4 if cfg.model.compute_dtype == "float32" else 2
-    weights = checkpoint_bytes(model_dir) * compute_bytes / source_bytes_per_param
-    hidden = getattr(hf_config, "hidden_size", 4096)
-    activations = 3 * cfg.data.nsamples * cfg.data.seqlen * hidden * compute_bytes
-    return INTERPRETER_MB + (weights + activations) / 2**20
+def predict_peaks_mb(cfg: Any, session: Any) -> Dict[str, float]:
+    model, adapter = session.skeleton, session.adapter
+    c = 4 if cfg.model.compute_dtype == "float32" else 2
+    hf = session.hf_config
+    text = getattr(hf, "text_config", None) or hf
+    hidden = int(getattr(text, "hidden_size", 4096))
+    inter = int(getattr(text, "intermediate_size", 4 * hidden))
+    blocks = session.blocks(model)
+    block_params = max(sum(p.numel() for p in b.parameters()) for _, b in blocks)
+    total = sum(p.numel() for p in model.parameters())
+    edge = max(_numel(model, adapter.input_tensor_names(model, session.block_lists)),
+               _numel(model, adapter.head_tensor_names(model)))
+
+    q = cfg.quant
+    tuning = block_params * (c + (16 if int(q.iters) > 0 else 4))
+    mb_tokens = int(q.batch_size) * int(cfg.data.seqlen)
+    backward = mb_tokens * (10 * hidden + 4 * inter) * 4 if int(q.iters) > 0 else mb_tokens * (2 * hidden + inter) * 4
+    activations = 4 * int(cfg.data.nsamples) * int(cfg.data.seqlen) * hidden * c
+    common = INTERPRETER_MB * MB + tuning + backward
+    return {
+        "high": (common + total * c + activations) / MB,
+        "medium": (common + (block_params + edge) * c + activations) / MB,
+        "low": (common + (block_params + edge) * c) / MB,
+    }
 
 
-def choose_mode(cfg: Any, hf_config: Any, model_dir: Path) -> Dict[str, Any]:
-    """The fastest supported mode whose predicted peak fits the budget."""
+def choose_mode(cfg: Any, session: Any) -> Dict[str, Any]:
+    """The fastest mode whose predicted peak fits `memory.budget_gb` (default: 80 % of the RAM available now)."""
     budget_gb = cfg.memory.budget_gb
     if budget_gb is None:
         budget_gb = 0.8 * psutil.virtual_memory().available / GB
-    predicted = {"high": predict_high_mb(cfg, hf_config, model_dir)}
-    fits = [m for m in ("high",) if predicted[m] / 1024 <= budget_gb]
+    predicted = predict_peaks_mb(cfg, session)
+    fits = [m for m in ORDER if predicted[m] / 1024 <= budget_gb]
     return {"budget_gb": round(budget_gb, 2), "predicted_peak_mb": {k: round(v) for k, v in predicted.items()},
             "mode": fits[0] if fits else None}

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from qrunner.errors import UserError
+from qrunner.memory.streaming import module_tensor_names
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,24 @@ class FamilyAdapter:
                     plans.append(LayerPlan(full, fin, fout, True, "", int(spec["bits"]), int(spec["group_size"]),
                                            bool(spec["sym"])))
         return plans
+
+    # ---- what streaming modes read besides the blocks --------------------------------------
+    # modules after the blocks that turn the last block's output into logits, applied in this order
+    head_modules: ClassVar[Tuple[str, ...]] = ()
+
+    def input_tensor_names(self, model: nn.Module, block_lists: Sequence[str]) -> List[str]:
+        """Tensors the forward pass needs up to the first block: everything but the blocks and the head."""
+        skip = tuple(f"{p}." for p in (*block_lists, *self.head_modules))
+        return [n for n in module_tensor_names(model) if not n.startswith(skip)]
+
+    def head_tensor_names(self, model: nn.Module) -> List[str]:
+        return [f"{p}.{n}" for p in self.head_modules for n in module_tensor_names(model.get_submodule(p))]
+
+    def logits(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits from the last block's output (the head modules applied in order)."""
+        for prefix in self.head_modules:
+            hidden = model.get_submodule(prefix)(hidden)
+        return hidden
 
     # ---- calibration ---------------------------------------------------------------------
     def capture_first_block_inputs(self, model: nn.Module, first_block: nn.Module, input_ids: torch.Tensor

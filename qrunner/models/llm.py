@@ -11,6 +11,7 @@ class LlmAdapter(FamilyAdapter):
     stages = ("load", "data", "capture", "quantize", "export", "evaluate")
     model_types = ("llama", "mistral", "qwen2", "qwen3")
     block_list_candidates = ("model.layers",)
+    head_modules = ("model.norm", "lm_head")
 
     def model_class(self, config: Any) -> Any:
         from transformers import AutoModelForCausalLM

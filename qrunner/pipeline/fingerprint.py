@@ -9,6 +9,8 @@ from typing import Any, Dict, Iterable, Mapping
 
 from omegaconf import DictConfig, OmegaConf
 
+from qrunner.errors import UserError
+
 
 def stable_hash(obj: Any) -> str:
     text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
@@ -40,9 +42,29 @@ def drop_keys(tree: Dict[str, Any], dotted_keys: Iterable[str]) -> Dict[str, Any
 
 
 def safetensors_header(path: Path) -> bytes:
+    """The JSON header of a safetensors file, after checking that the file is complete."""
+    size = path.stat().st_size
+
+    def damaged(why: str) -> UserError:
+        return UserError(f"the safetensors shard {path} is damaged or incomplete ({why}); re-download or "
+                         "re-save the checkpoint")
+
     with open(path, "rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        return f.read(length)
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise damaged(f"{size} bytes, shorter than a header")
+        (length,) = struct.unpack("<Q", prefix)
+        if not 2 <= length <= size - 8:
+            raise damaged(f"header length {length} does not fit a file of {size} bytes")
+        header = f.read(length)
+    try:
+        entries = json.loads(header)
+        end = max((int(v["data_offsets"][1]) for k, v in entries.items() if k != "__metadata__"), default=0)
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+        raise damaged("unreadable header") from None
+    if 8 + length + end != size:
+        raise damaged(f"the header describes {8 + length + end} bytes, the file has {size}")
+    return header
 
 
 def model_identity(model_dir: Path) -> str:

@@ -41,7 +41,7 @@ import math
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -230,8 +230,8 @@ def _swap_out(plan: dict[str, tuple[nn.Module, str, nn.Linear, _TunedLinear]]) -
 def tune_block(
     block: nn.Module,
     layers: dict[str, QuantScheme],
-    inputs: torch.Tensor,
-    targets: torch.Tensor,
+    inputs: torch.Tensor | RowSource,
+    targets: torch.Tensor | RowSource,
     forward: Callable[[nn.Module, torch.Tensor], torch.Tensor],
     settings: TuneSettings,
     generator: torch.Generator,
@@ -242,8 +242,9 @@ def tune_block(
     Args:
         block: the block; left exactly as it came in (same modules, weights, requires_grad).
         layers: linear name relative to ``block`` (e.g. ``"mlp.down_proj"``) -> its scheme.
-        inputs: ``[n, ...]`` block inputs, one row per calibration sample.
-        targets: ``[n, ...]`` the original (unquantized) chain's block outputs for those samples.
+        inputs: ``[n, ...]`` block inputs, one row per calibration sample: a tensor, or any object with
+            ``len()`` and ``read(indices) -> tensor`` (rows kept on disk and read per mini-batch).
+        targets: ``[n, ...]`` the original (unquantized) chain's block outputs for those samples (same kinds).
         forward: ``forward(block, x_batch) -> output`` on a mini-batch (shared kwargs such as
             rotary embeddings are closed over by the caller).
         settings: see :class:`TuneSettings`.
@@ -251,9 +252,10 @@ def tune_block(
         progress: called as ``progress(iteration, loss)`` after every iteration.
     """
     start = time.perf_counter()
-    if inputs.shape[0] != targets.shape[0]:
-        raise ValueError(f"inputs and targets differ in samples: {inputs.shape[0]} vs {targets.shape[0]}")
-    n = int(inputs.shape[0])
+    inputs, targets = _as_rows(inputs), _as_rows(targets)
+    if len(inputs) != len(targets):
+        raise ValueError(f"inputs and targets differ in samples: {len(inputs)} vs {len(targets)}")
+    n = len(inputs)
     if settings.iters > 0 and n == 0:
         raise ValueError("no calibration samples")
     if not layers:
@@ -291,6 +293,29 @@ def tune_block(
     return TuneResult(weights, best_iter, best_loss, first_loss, losses, time.perf_counter() - start, best)
 
 
+class RowSource(Protocol):
+    """Rows of block inputs or targets that are read per mini-batch (e.g. from disk)."""
+
+    def __len__(self) -> int: ...
+
+    def read(self, indices: torch.Tensor) -> torch.Tensor: ...
+
+
+class _TensorSource:
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor
+
+    def __len__(self) -> int:
+        return int(self.tensor.shape[0])
+
+    def read(self, indices: torch.Tensor) -> torch.Tensor:
+        return self.tensor.index_select(0, torch.as_tensor(indices, dtype=torch.long, device=self.tensor.device))
+
+
+def _as_rows(rows: torch.Tensor | RowSource) -> RowSource:
+    return _TensorSource(rows) if isinstance(rows, torch.Tensor) else rows
+
+
 def _unique_params(block: nn.Module, wrappers: dict[str, _TunedLinear]) -> list[nn.Parameter]:
     """The block's own parameters (the tuning parameters of the wrappers excluded)."""
     own = {id(p) for w in wrappers.values() for p in (w.v, w.min_scale, w.max_scale) if p is not None}
@@ -314,14 +339,14 @@ def _optimize(wrappers, block, inputs, targets, forward, settings, generator, pr
                                                  total_iters=settings.iters)
     tuned = [p for g in groups for p in g["params"]]
 
-    n = int(inputs.shape[0])
+    n = len(inputs)
     batch_size = settings.batch_size
     global_batch = min(n, batch_size * settings.grad_accum)
     sampler = _IndexSampler(n, global_batch, generator)
-    per_sample = int(targets[0].numel()) if targets.dim() > 0 else 1
+    per_sample = int(targets.read([0]).numel())
     numel_global = float(global_batch * per_sample)
     if settings.amp_bf16:
-        amp = lambda: torch.autocast(device_type=inputs.device.type, dtype=torch.bfloat16)  # noqa: E731
+        amp = lambda: torch.autocast(device_type=inputs.read([0]).device.type, dtype=torch.bfloat16)  # noqa: E731
     else:
         amp = contextlib.nullcontext
 
@@ -342,8 +367,8 @@ def _optimize(wrappers, block, inputs, targets, forward, settings, generator, pr
         total = 0.0
         for b in range(0, global_batch, batch_size):
             mb = indices[b : b + batch_size]
-            x = inputs.index_select(0, mb.to(inputs.device))
-            y = targets.index_select(0, mb.to(targets.device))
+            x = inputs.read(mb)
+            y = targets.read(mb)
             with amp():
                 out = fn(block, x)
             y = y.to(out.device)

@@ -11,7 +11,9 @@ from qrunner.data_sources import concatenated_windows, read_documents, tokenize_
 from qrunner.errors import UserError
 from qrunner.models.adapter import get_module
 from qrunner.pipeline.stage import Stage, StageContext, register_stage
-from qrunner.stages.quantize import quantized_layers
+from qrunner.memory.activations import batches
+from qrunner.stages.capture import capture_block_inputs
+from qrunner.stages.quantize import ChainRows, QuantizedLayers, fake_quantized, forward_rows, quantized_layers
 
 
 def perplexity(model: torch.nn.Module, windows: torch.Tensor, batch_size: int, desc: str, show: bool) -> float:
@@ -55,14 +57,18 @@ class EvaluateStage(Stage):
         show, bs = cfg.run.show_progress, int(cfg.eval.batch_size)
         metrics: Dict[str, Any] = {"windows": len(windows), "seqlen": int(cfg.eval.seqlen),
                                    "tokens": int(windows[:, 1:].numel())}
-        if cfg.eval.original:
-            metrics["ppl_original"] = perplexity(session.model(), windows, bs, "eval original", show)
-        model = session.take_model()  # weights are replaced below; later stages must reload
-        for name, qw in quantized_layers(ctx.inputs["quantize"]).items():
-            layer = get_module(model, name)
-            layer.weight.data = qw.dequantize(layer.weight.dtype)
-        metrics["ppl_quantized"] = perplexity(model, windows, bs, "eval quantized", show)
-        del model
+        layers = quantized_layers(ctx.inputs["quantize"])
+        if session.streams_blocks:
+            metrics.update(streamed_perplexities(ctx, windows, layers, bool(cfg.eval.original)))
+        else:
+            if cfg.eval.original:
+                metrics["ppl_original"] = perplexity(session.model(), windows, bs, "eval original", show)
+            model = session.take_model()  # weights are replaced below; later stages must reload
+            for name, qw in layers.items():
+                layer = get_module(model, name)
+                layer.weight.data = qw.dequantize(layer.weight.dtype)
+            metrics["ppl_quantized"] = perplexity(model, windows, bs, "eval quantized", show)
+            del model
         if "ppl_original" in metrics:
             metrics["ppl_ratio"] = metrics["ppl_quantized"] / metrics["ppl_original"]
             ctx.log.info("evaluate: perplexity original %.4f, quantized %.4f (x%.4f)", metrics["ppl_original"],
@@ -70,3 +76,44 @@ class EvaluateStage(Stage):
         else:
             ctx.log.info("evaluate: perplexity quantized %.4f", metrics["ppl_quantized"])
         return metrics
+
+
+def streamed_perplexities(ctx: StageContext, windows: torch.Tensor, layers: QuantizedLayers,
+                          original: bool) -> Dict[str, float]:
+    """Perplexity with one block in RAM at a time (memory=medium/low): the windows' hidden states run through
+    the blocks streamed from the shards, the original and the quantized chain side by side, then the head."""
+    session, show = ctx.session, ctx.cfg.run.show_progress
+    adapter = session.adapter
+    chains = ChainRows(ctx.out / "scratch", session.activations_on_disk)
+    with session.input_model() as model:
+        first = chains.scratch / "inputs"
+        hidden, shared = capture_block_inputs(adapter, model, session.blocks(model)[0][1], windows, first,
+                                              "eval inputs", show)
+    hidden = chains.open(first)
+    x = {"quantized": hidden, **({"original": hidden} if original else {})}
+    for index in tqdm(range(len(session.block_names())), desc="eval blocks", unit="block", disable=not show):
+        with session.block(index) as (name, block):
+            y = {}
+            for chain, rows in x.items():
+                y[chain] = chains.new(f"{chain}_{index}", rows)
+                if chain == "quantized":
+                    with fake_quantized(block, name, layers.in_block(name)):
+                        forward_rows(adapter, block, rows, shared, y[chain])
+                else:
+                    forward_rows(adapter, block, rows, shared, y[chain])
+        for rows in x.values():
+            chains.drop(rows)
+        x = y
+    out: Dict[str, float] = {}
+    with session.head_model() as model, torch.no_grad():
+        for chain, rows in x.items():
+            total, count = 0.0, 0
+            for r in batches(len(rows), int(ctx.cfg.eval.batch_size)):
+                logits = adapter.logits(model, rows.read(r))[:, :-1].float()
+                labels = windows[r.start:r.stop, 1:]
+                total += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                                 labels.reshape(-1), reduction="sum"))
+                count += labels.numel()
+            out[f"ppl_{chain}"] = math.exp(total / count)
+    chains.close()
+    return out

@@ -8,18 +8,22 @@ run killed at any point resumes exactly where it stopped.
 """
 from __future__ import annotations
 
-import copy
 import json
 import time
+from collections.abc import Mapping
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Tuple
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm import tqdm
 
+from qrunner.memory.activations import ActivationFile, Rows, TensorRows, batches, to_ram
 from qrunner.memory.monitor import current_rss_mb
+from qrunner.memory.trim import release_freed_memory
+from qrunner.pipeline.atomic import remove_tree
 from qrunner.models.adapter import LayerPlan, get_module
 from qrunner.models.block_io import load_block_kwargs
 from qrunner.pipeline.faults import fault_point
@@ -31,8 +35,9 @@ from qrunner.quant.scheme import QuantScheme
 from qrunner.stages.capture import HIDDEN
 
 QUANTIZED = "quantized.safetensors"
-NEXT_INPUTS = "next_inputs.safetensors"
+# the next block's inputs, committed with each block as row files (.bin + .json)
 QCHAIN, FPCHAIN = "quantized_chain", "original_chain"
+SCRATCH = "scratch"  # activations of the block in progress (memory=low), inside the stage's partial folder
 BATCH = 8
 
 
@@ -71,40 +76,103 @@ def save_quantized(layers: Dict[str, QuantizedWeight], file: Path) -> None:
     save_file(tensors, str(file), metadata={"format": "pt", "schemes": json.dumps(schemes, sort_keys=True)})
 
 
-def load_quantized(file: Path) -> Dict[str, QuantizedWeight]:
-    with safe_open(str(file), framework="pt") as f:
-        schemes = json.loads(f.metadata()["schemes"])
-    tensors = load_file(str(file))
-    return {n: QuantizedWeight(q=tensors[f"{n}.q"], scale=tensors[f"{n}.scale"], zero=tensors[f"{n}.zero"],
-                               bits=b, group_size=g, sym=s) for n, (b, g, s) in schemes.items()}
+class QuantizedLayers(Mapping[str, QuantizedWeight]):
+    """The quantized layers of a committed quantize stage by full module name, read one layer at a time
+    from the per-block files (so the export and evaluation never hold the whole quantized model)."""
+
+    def __init__(self, quantize_stage_dir: Path) -> None:
+        self._where: Dict[str, Tuple[Path, Tuple[int, int, bool]]] = {}
+        for unit in sorted((quantize_stage_dir / "units").iterdir()):
+            if unit.is_dir() and not unit.name.startswith("."):
+                with safe_open(str(unit / QUANTIZED), framework="pt") as f:
+                    for name, (b, g, s) in json.loads(f.metadata()["schemes"]).items():
+                        self._where[name] = (unit / QUANTIZED, (int(b), int(g), bool(s)))
+
+    def __getitem__(self, name: str) -> QuantizedWeight:
+        file, (bits, group_size, sym) = self._where[name]
+        with safe_open(str(file), framework="pt") as f:
+            return QuantizedWeight(q=f.get_tensor(f"{name}.q"), scale=f.get_tensor(f"{name}.scale"),
+                                   zero=f.get_tensor(f"{name}.zero"), bits=bits, group_size=group_size, sym=sym)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(self._where))
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def in_block(self, block_name: str) -> Dict[str, QuantizedWeight]:
+        return {n: self[n] for n in self if n.startswith(block_name + ".")}
 
 
-def quantized_layers(quantize_stage_dir: Path) -> Dict[str, QuantizedWeight]:
-    """All quantized layers of a committed quantize stage, by full module name."""
-    out: Dict[str, QuantizedWeight] = {}
-    for unit in sorted((quantize_stage_dir / "units").iterdir()):
-        if unit.is_dir() and not unit.name.startswith("."):
-            out.update(load_quantized(unit / QUANTIZED))
-    return out
+def quantized_layers(quantize_stage_dir: Path) -> QuantizedLayers:
+    return QuantizedLayers(quantize_stage_dir)
 
 
-def _forward(adapter: Any, block: torch.nn.Module, hidden: torch.Tensor, shared: Dict[str, Any]) -> torch.Tensor:
+def forward_rows(adapter: Any, block: torch.nn.Module, src: Rows, shared: Dict[str, Any], dst: Rows) -> None:
+    """dst[i] = block(src[i]) for every row, BATCH rows at a time."""
     with torch.no_grad():
-        outs = [adapter.run_block(block, hidden[i:i + BATCH], shared) for i in range(0, len(hidden), BATCH)]
-    return torch.cat(outs)
+        for r in batches(len(src), BATCH):
+            dst.write(r.start, adapter.run_block(block, src.read(r), shared))
 
 
-def _mse(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(torch.nn.functional.mse_loss(a.float(), b.float()))
+def mse_rows(a: Rows, b: Rows) -> float:
+    """Mean squared difference over all elements of two equally shaped row sets."""
+    total, count = 0.0, 0
+    for r in batches(len(a), BATCH):
+        x, y = a.read(r).float(), b.read(r).float()
+        total += float(((x - y) ** 2).sum(dtype=torch.float64))
+        count += x.numel()
+    return total / max(count, 1)
 
 
-def _fake_quantized(block: torch.nn.Module, block_name: str, weights: Dict[str, QuantizedWeight]) -> torch.nn.Module:
-    """A copy of the block whose quantized layers hold their dequantized weights."""
-    qblock = copy.deepcopy(block)
-    for name, qw in weights.items():
-        layer = get_module(qblock, name[len(block_name) + 1:])
-        layer.weight.data = qw.dequantize(layer.weight.dtype)
-    return qblock
+@contextmanager
+def fake_quantized(block: torch.nn.Module, block_name: str, weights: Mapping[str, QuantizedWeight]):
+    """The block with its quantized layers holding their dequantized weights; the originals come back after."""
+    saved = []
+    try:
+        for name, qw in weights.items():
+            layer = get_module(block, name[len(block_name) + 1:])
+            saved.append((layer, layer.weight.data))
+            layer.weight.data = qw.dequantize(layer.weight.dtype)
+        yield block
+    finally:
+        for layer, original in saved:
+            layer.weight.data = original
+
+
+class ChainRows:
+    """Where one block's activations live: RAM (high/medium) or row files in a scratch folder (low)."""
+
+    def __init__(self, scratch: Path, on_disk: bool) -> None:
+        self.scratch, self.on_disk = scratch, on_disk
+        remove_tree(scratch)
+        scratch.mkdir(parents=True)
+
+    def new(self, name: str, like: Rows) -> Rows:
+        if self.on_disk:
+            return ActivationFile.create(self.scratch / name, len(like), like.row_shape, like.dtype)
+        return TensorRows.empty(len(like), like.row_shape, like.dtype)
+
+    def open(self, path: Path) -> Rows:
+        rows = ActivationFile.open(path)
+        return rows if self.on_disk else to_ram(rows)
+
+    def drop(self, rows: Rows) -> None:
+        if isinstance(rows, ActivationFile):
+            rows.unlink()
+
+    def close(self) -> None:
+        remove_tree(self.scratch)
+
+
+def _publish_rows(rows: Rows, path: Path, *, keep_original: bool = False) -> None:
+    """Put `rows` at `path` as a row file: written from RAM, or moved (linked if still needed) from scratch."""
+    if isinstance(rows, TensorRows):
+        rows.save(path)
+    elif keep_original:
+        rows.link_to(path)
+    else:
+        rows.move_to(path)
 
 
 @register_stage
@@ -115,82 +183,92 @@ class QuantizeStage(Stage):
              "quant.minmax_lr", "quant.batch_size", "quant.grad_accum", "quant.minmax_tuning",
              "quant.quantized_inputs", "quant.opt_rtn", "quant.amp_bf16", "quant.compile", "quant.seed",
              "quant.ignore_layers", "quant.layer_overrides", "model.compute_dtype")
-    version = 2
+    version = 3
     description = "block-by-block AutoRound tuning, checkpointed per block"
 
     def run(self, ctx: StageContext) -> Dict[str, Any]:
         session, cfg = ctx.session, ctx.cfg
-        model = session.model()
-        blocks = session.blocks(model)
-        plan_by_block = _plan_by_block(session.layer_plan, [name for name, _ in blocks])
+        names = session.block_names()
+        plan_by_block = _plan_by_block(session.layer_plan, names)
         shared = load_block_kwargs(ctx.inputs["capture"], session.compute_dtype)
         settings = tune_settings(cfg)
+        chains = ChainRows(ctx.out / SCRATCH, session.activations_on_disk)
 
         start = 0
-        while start < len(blocks) and ctx.units.done(unit_key(start)):
+        while start < len(names) and ctx.units.done(unit_key(start)):
             start += 1
         if start:
             ctx.log.info("quantize: resuming at block %d/%d (%d block(s) already committed)", start + 1,
-                         len(blocks), start)
-        x_q, x_fp = self._chains(ctx, start, session.compute_dtype)
+                         len(names), start)
+        x_q, x_fp = self._chains(ctx, chains, start)
 
-        bar = tqdm(range(start, len(blocks)), desc="quantize", unit="block", initial=start, total=len(blocks),
+        bar = tqdm(range(start, len(names)), desc="quantize", unit="block", initial=start, total=len(names),
                    disable=not cfg.run.show_progress)
         for index in bar:
-            name, block = blocks[index]
             started = time.time()
             torch.manual_seed(block_seed(cfg.quant.seed, index))
             generator = torch.Generator().manual_seed(block_seed(cfg.quant.seed, index))
-            plans = plan_by_block[name]
-            target = _forward(session.adapter, block, x_fp, shared)
-            weights, tuning = self._quantize_block(ctx, block, name, plans, x_q, target, shared, settings,
-                                                   generator, bar)
-            qblock = _fake_quantized(block, name, weights)
-            out_q = _forward(session.adapter, qblock, x_q, shared)
-            loss = _mse(out_q, target)
-            if tuning.get("rtn_weights") is not None:
-                rtn_block = _fake_quantized(block, name, tuning.pop("rtn_weights"))
-                loss_rtn = _mse(_forward(session.adapter, rtn_block, x_q, shared), target)
-                del rtn_block
-            else:
-                tuning.pop("rtn_weights", None)
+            with session.block(index) as (name, block):
+                target = chains.new("target", x_fp)
+                forward_rows(session.adapter, block, x_fp, shared, target)
+                weights, tuning = self._quantize_block(ctx, block, name, plan_by_block[name], x_q, target, shared,
+                                                       settings, generator, bar)
+                out_q = chains.new("output", x_q)
+                with fake_quantized(block, name, weights):
+                    forward_rows(session.adapter, block, x_q, shared, out_q)
+                loss = mse_rows(out_q, target)
+                rtn_weights = tuning.pop("rtn_weights")
                 loss_rtn = loss
-            del qblock
+                if rtn_weights is not None:
+                    out_rtn = chains.new("output_rtn", x_q)
+                    with fake_quantized(block, name, rtn_weights):
+                        forward_rows(session.adapter, block, x_q, shared, out_rtn)
+                    loss_rtn = mse_rows(out_rtn, target)
+                    chains.drop(out_rtn)
+                    del out_rtn, rtn_weights
             next_q = out_q if cfg.quant.quantized_inputs else target
 
             def write(tmp: Path) -> Dict[str, Any]:
                 save_quantized(weights, tmp / QUANTIZED)
-                save_file({QCHAIN: next_q.contiguous(), FPCHAIN: target.contiguous()}, str(tmp / NEXT_INPUTS),
-                          metadata={"format": "pt"})
+                _publish_rows(target, tmp / FPCHAIN, keep_original=next_q is target)
+                _publish_rows(next_q, tmp / QCHAIN)
                 return {"block": name, "index": index, "layers": sorted(weights), "loss": loss,
                         "loss_rtn": loss_rtn, **tuning}
 
             ctx.units.commit(unit_key(index), write)
             ctx.log.info("quantize: block %d/%d %s committed: %d layers, loss %.3e (RTN %.3e), %.1fs, RSS %.0f MB",
-                         index + 1, len(blocks), name, len(weights), loss, loss_rtn, time.time() - started,
+                         index + 1, len(names), name, len(weights), loss, loss_rtn, time.time() - started,
                          current_rss_mb())
             fault_point("quantize.block_committed")
             if index > 0:  # the previous block's outputs are no longer needed to resume
-                (ctx.units.path(unit_key(index - 1)) / NEXT_INPUTS).unlink(missing_ok=True)
-            x_q, x_fp = next_q, target
+                _drop_next_inputs(ctx.units.path(unit_key(index - 1)))
+            if session.activations_on_disk:
+                unit = ctx.units.path(unit_key(index))
+                x_q, x_fp = ActivationFile.open(unit / QCHAIN), ActivationFile.open(unit / FPCHAIN)
+            else:
+                x_q, x_fp = next_q, target
+            del out_q, target, next_q
+            release_freed_memory()
             bar.set_postfix(loss=f"{loss:.2e}", rss=f"{current_rss_mb():.0f}MB")
         bar.close()
-        (ctx.units.path(unit_key(len(blocks) - 1)) / NEXT_INPUTS).unlink(missing_ok=True)
+        _drop_next_inputs(ctx.units.path(unit_key(len(names) - 1)))
+        chains.close()
 
-        infos = [ctx.units.info(unit_key(i)) for i in range(len(blocks))]
-        return {"blocks": len(blocks), "resumed_at_block": start, "iters": int(cfg.quant.iters),
+        infos = [ctx.units.info(unit_key(i)) for i in range(len(names))]
+        return {"blocks": len(names), "resumed_at_block": start, "iters": int(cfg.quant.iters),
                 "block_loss": [i["loss"] for i in infos], "block_loss_rtn": [i["loss_rtn"] for i in infos],
                 "layers_quantized": sum(len(p) for p in plan_by_block.values())}
 
-    def _chains(self, ctx: StageContext, start: int, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    def _chains(self, ctx: StageContext, chains: ChainRows, start: int) -> Tuple[Rows, Rows]:
+        """Inputs of block `start`: the captured hidden states, or the chains committed with the block before."""
         if start == 0:
-            hidden = load_file(str(ctx.inputs["capture"] / HIDDEN))["hidden_states"].to(dtype)
+            hidden = chains.open(ctx.inputs["capture"] / HIDDEN)
             return hidden, hidden
-        saved = load_file(str(ctx.units.path(unit_key(start - 1)) / NEXT_INPUTS))
-        return saved[QCHAIN].to(dtype), saved[FPCHAIN].to(dtype)
+        unit = ctx.units.path(unit_key(start - 1))
+        return chains.open(unit / QCHAIN), chains.open(unit / FPCHAIN)
 
     def _quantize_block(self, ctx: StageContext, block: torch.nn.Module, block_name: str, plans: List[LayerPlan],
-                        x_q: torch.Tensor, target: torch.Tensor, shared: Dict[str, Any], settings: TuneSettings,
+                        x_q: Rows, target: Rows, shared: Dict[str, Any], settings: TuneSettings,
                         generator: torch.Generator, bar: Any) -> Tuple[Dict[str, QuantizedWeight], Dict[str, Any]]:
         cfg, adapter = ctx.cfg, ctx.session.adapter
         rel = {p.name: p.name[len(block_name) + 1:] for p in plans}
@@ -211,12 +289,18 @@ class QuantizeStage(Stage):
                              "best_loss": result.best_loss, "tune_seconds": round(result.seconds, 3)}
         if cfg.quant.opt_rtn:
             modules = {p.name: get_module(block, rel[p.name]) for p in plans}
-            with ImportanceCollector(modules) as collector:
-                _forward(adapter, block, x_q, shared)
+            with ImportanceCollector(modules) as collector, torch.no_grad():
+                for r in batches(len(x_q), BATCH):
+                    adapter.run_block(block, x_q.read(r), shared)
             weights = {n: quantize_weighted_rtn(m.weight.detach().float(), layer_scheme(p), collector.importance[n])
                        for (n, m), p in zip(modules.items(), plans)}
             return weights, {"rtn_weights": rtn}
         return rtn, {"rtn_weights": None}
+
+
+def _drop_next_inputs(unit: Path) -> None:
+    for name in (QCHAIN, FPCHAIN):
+        ActivationFile(unit / name, 0, (), torch.float32).unlink()
 
 
 def _plan_by_block(plan: List[LayerPlan], block_names: List[str]) -> Dict[str, List[LayerPlan]]:

@@ -1,0 +1,118 @@
+"""Stream single modules of a meta-device model from its safetensors shards, and send them back to meta.
+
+`CheckpointReader` maps every tensor name to its shard (through `model.safetensors.index.json` or the
+shards' headers) and reads exactly the tensors asked for, opening the shard for each read so that no
+memory-mapped pages stay resident afterwards. `materialize_tensors(model, names, reader, dtype)` fills
+named tensors of a skeleton built under `accelerate.init_empty_weights` (parameters and persistent buffers;
+tied weights are read from their source tensor), and `release_tensors(model, names)` returns them to the
+meta device.
+Non-persistent buffers (rotary `inv_freq`) are never read: the skeleton builds them on the CPU.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from accelerate.utils import set_module_tensor_to_device
+from safetensors import SafetensorError, safe_open
+from torch import nn
+
+from qrunner.errors import UserError
+
+INDEX = "model.safetensors.index.json"
+
+
+class CheckpointReader:
+    """Tensor name -> shard file of a Hugging Face safetensors checkpoint; reads one tensor at a time."""
+
+    def __init__(self, model_dir: Path, tied: Optional[Dict[str, str]] = None) -> None:
+        self.model_dir = Path(model_dir)
+        self.tied = dict(tied or {})
+        self.shard_of: Dict[str, Path] = {}
+        index = self.model_dir / INDEX
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError) as err:
+                raise UserError(f"{index} is not a valid safetensors index ({err}); re-download the checkpoint") from None
+            self.shard_of = {k: self.model_dir / v for k, v in weight_map.items()}
+        else:
+            for shard in sorted(self.model_dir.glob("*.safetensors")):
+                for key in self._keys(shard):
+                    self.shard_of[key] = shard
+        if not self.shard_of:
+            raise UserError(f"{self.model_dir} holds no safetensors weights; memory=medium/low stream blocks "
+                            "from safetensors shards (convert the checkpoint, or use memory=high)")
+
+    @staticmethod
+    def _keys(shard: Path) -> List[str]:
+        try:
+            with safe_open(str(shard), framework="pt") as f:
+                return list(f.keys())
+        except (SafetensorError, OSError) as err:
+            raise UserError(f"cannot read the safetensors shard {shard} ({err}); the file is damaged or "
+                            "incomplete: re-download it") from None
+
+    def source_key(self, key: str) -> Optional[str]:
+        """The checkpoint tensor that holds `key` (itself, or the source of a tied weight)."""
+        if key in self.shard_of:
+            return key
+        source = self.tied.get(key)
+        return source if source in self.shard_of else None
+
+    def read(self, key: str) -> torch.Tensor:
+        source = self.source_key(key)
+        if source is None:
+            raise KeyError(key)
+        shard = self.shard_of[source]
+        try:
+            with safe_open(str(shard), framework="pt") as f:
+                return f.get_tensor(source)
+        except (SafetensorError, OSError) as err:
+            raise UserError(f"cannot read tensor {source} from {shard} ({err}); the shard is damaged or "
+                            "incomplete: re-download it") from None
+
+
+def module_tensor_names(module: nn.Module) -> List[str]:
+    """Names of the parameters and persistent buffers of `module` (relative to it); tied ones once each."""
+    non_persistent = set()
+    for mod_name, mod in module.named_modules(remove_duplicate=False):
+        for buf in getattr(mod, "_non_persistent_buffers_set", ()):
+            non_persistent.add(f"{mod_name}.{buf}" if mod_name else buf)
+    names = [name for name, _ in module.named_parameters(remove_duplicate=False)]
+    names += [name for name, _ in module.named_buffers(remove_duplicate=False) if name not in non_persistent]
+    return names
+
+
+def materialize_tensors(model: nn.Module, names: Sequence[str], reader: CheckpointReader,
+                        dtype: torch.dtype) -> None:
+    """Read the named tensors of `model` from the checkpoint onto the CPU (floating ones cast to `dtype`)."""
+    missing = [name for name in names if reader.source_key(name) is None]
+    if missing:
+        raise UserError(f"the checkpoint in {reader.model_dir} has no tensor for {len(missing)} weight(s) "
+                        f"(e.g. {', '.join(missing[:3])}); the checkpoint does not match its config.json")
+    for name in names:
+        value = reader.read(name)
+        if value.is_floating_point():
+            value = value.to(dtype)
+            set_module_tensor_to_device(model, name, "cpu", value=value, dtype=dtype)
+        else:
+            set_module_tensor_to_device(model, name, "cpu", value=value)
+
+
+def release_tensors(model: nn.Module, names: Sequence[str]) -> None:
+    """Put the named tensors of `model` back on the meta device, freeing their memory."""
+    for name in names:
+        set_module_tensor_to_device(model, name, "meta")
+
+
+def materialized_parameter_count(model: nn.Module) -> int:
+    """Elements of all parameters not on the meta device (shared parameters counted once)."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen and p.device.type != "meta":
+            seen.add(id(p))
+            total += p.numel()
+    return total
