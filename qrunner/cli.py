@@ -31,7 +31,9 @@ def execute(cfg: DictConfig, recipe: str, choices: dict, overrides: List[str]) -
     """Validate, then run the pipeline; returns the report. Raises UserError for bad input."""
     from qrunner.config.provenance import Provenance
     from qrunner.config.validate import validate
-    from qrunner.memory.monitor import MemoryMonitor
+    import torch
+
+    from qrunner.memory.monitor import MemoryMonitor, process_peak_mb
     from qrunner.memory.predict import choose_mode
     from qrunner.models.registry import get_family
     from qrunner.pipeline.fingerprint import model_identity
@@ -39,7 +41,9 @@ def execute(cfg: DictConfig, recipe: str, choices: dict, overrides: List[str]) -
     from qrunner.pipeline.runner import Runner
     from qrunner.report.write import build_report, print_summary, write_report
     from qrunner.rundir import clear_run_dir, run_dir_for, save_config, setup_logging
+    from qrunner.pipeline.status import report_status
     from qrunner.session import ModelSession
+    from qrunner.supervise import restarts
 
     started = time.time()
     monitor = MemoryMonitor().start()
@@ -67,13 +71,22 @@ def execute(cfg: DictConfig, recipe: str, choices: dict, overrides: List[str]) -
                                 "lower data.nsamples / data.seqlen, or set memory=low to try anyway")
         session.memory_mode = memory["mode"]
         log.info("memory mode: %s", memory["mode"])
+        report_status(mode=memory["mode"], run_dir=str(run_dir), on_oom=cfg.run.on_oom.value)
+        for attempt in restarts():
+            log.warning("restarted after %s in memory=%s at %s (peak RSS %s MB) -> memory=%s", attempt["cause"],
+                        attempt["mode"], attempt["where"], attempt["peak_rss_mb"], attempt["restart_mode"])
         save_config(run_dir, OmegaConf.to_yaml(cfg, resolve=True), overrides)
         runner = Runner(cfg, run_dir, adapter.stages, session, log, monitor, model_identity(session.model_dir),
                         forbidden_keys=schema.NON_SEMANTIC_KEYS)
-        results = runner.run()
+        try:
+            results = runner.run()
+        except (MemoryError, torch.OutOfMemoryError):
+            report_status(peak_rss_mb=round(process_peak_mb()))
+            raise
         monitor.stop()
         plain["_recipe"] = recipe
         report = build_report(plain, run_dir, results, monitor, memory, time.time() - started)
+        report["restarts"] = restarts()
         write_report(report, run_dir)
         print_summary(report)
         return report
@@ -85,14 +98,36 @@ def _hydra_entry(cfg: DictConfig) -> Any:
 
     hc = HydraConfig.get()
     choices = dict(hc.runtime.choices)
+    import torch
+
+    from qrunner.pipeline.status import current_status
+    from qrunner.supervise import EXIT_OOM, resume_command
+
+    log = logging.getLogger("qrunner")
     try:
         execute(cfg, choices.get("recipe") or "custom", choices, list(hc.overrides.task))
     except UserError as err:
-        print(f"qrunner: {err}", file=sys.stderr)
+        started = "run_dir" in current_status()
+        print(f"qrunner: {err}" + (f"\nResume with: {resume_command()}" if started else ""), file=sys.stderr)
         sys.exit(2)
+    except (MemoryError, torch.OutOfMemoryError) as err:
+        log.error("out of memory in stage %s: %s", current_status().get("stage"), err)
+        print(f"qrunner: out of memory in stage {current_status().get('stage')} ({type(err).__name__}); "
+              f"nothing committed is lost. Resume with: {resume_command()} memory=low", file=sys.stderr)
+        sys.exit(EXIT_OOM)
+    except Exception as err:  # a bug or an environment problem: keep the traceback in run.log
+        log.exception("stage %s failed", current_status().get("stage"))
+        print(f"qrunner: stage {current_status().get('stage')} failed: {type(err).__name__}: {err}\n"
+              f"(traceback in run.log of the run directory). Resume with: {resume_command()}", file=sys.stderr)
+        sys.exit(1)
 
 
 def main() -> None:
+    from qrunner.supervise import should_supervise, supervise
+
+    argv = sys.argv[1:]
+    if should_supervise(argv):
+        sys.exit(supervise(argv))
     _register()
     _hydra_entry()
 

@@ -36,6 +36,18 @@ def save_config(run_dir: Path, cfg_yaml: str, overrides: Sequence[str]) -> None:
                             "argv": sys.argv[1:], "overrides": list(overrides)}) + "\n")
 
 
+class _BriefFormatter(logging.Formatter):
+    """Console lines without tracebacks: those go to run.log only."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        saved = record.exc_info, record.exc_text
+        record.exc_info = record.exc_text = None
+        try:
+            return super().format(record)
+        finally:
+            record.exc_info, record.exc_text = saved
+
+
 def setup_logging(run_dir: Path) -> logging.Logger:
     log = logging.getLogger("qrunner")
     log.setLevel(logging.INFO)
@@ -45,7 +57,7 @@ def setup_logging(run_dir: Path) -> logging.Logger:
         log.removeHandler(handler)
         handler.close()
     console = logging.StreamHandler(sys.stderr)
-    console.setFormatter(logging.Formatter("[qrunner] %(message)s"))
+    console.setFormatter(_BriefFormatter("[qrunner] %(message)s"))
     file = logging.FileHandler(run_dir / "run.log")  # flushed after every record: a killed run keeps its log
     file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(console)

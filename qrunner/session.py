@@ -70,6 +70,18 @@ class ModelSession:
         return self.adapter.plan_layers(self.skeleton, self.block_lists, int(s.bits), int(s.group_size), bool(s.sym),
                                         list(q.ignore_layers), overrides, group_size_source=self.group_size_source)
 
+    @property
+    def hidden_size(self) -> int:
+        text = getattr(self.hf_config, "text_config", None) or self.hf_config
+        return int(text.hidden_size)
+
+    def activation_bytes(self, samples: int, seqlen: int) -> int:
+        """Bytes of one set of block activations (samples x seqlen x hidden) in the compute dtype."""
+        return samples * seqlen * self.hidden_size * torch.empty((), dtype=self.compute_dtype).element_size()
+
+    def checkpoint_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.model_dir.glob("*.safetensors"))
+
     def preflight(self, group_size_source: str = "") -> None:
         """Architecture, block names and layer shapes against the config, on the meta skeleton."""
         self.group_size_source = group_size_source

@@ -68,7 +68,7 @@ def test_low_never_holds_more_than_one_block(tiny_llama, tmp_path, monkeypatch):
 
 def test_killed_in_high_resumes_in_low_with_identical_export(tiny_llama, tmp_path, runs_by_mode):
     args = tiny_overrides(tiny_llama, tmp_path, "quant.iters=6", "memory=high")
-    killed = run_cli(args, env={"QRUNNER_FAULT": "quantize.block_committed:0"})
+    killed = run_cli([*args, "run.on_oom=fail"], env={"QRUNNER_FAULT": "quantize.block_committed:0"})
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     resumed = run_cli([a if a != "memory=high" else "memory=low" for a in args])
     assert resumed.returncode == 0, resumed.stderr

@@ -19,7 +19,7 @@ def test_sigkill_after_block_k_resumes_at_k_plus_1_with_byte_identical_export(ti
     assert clean.returncode == 0, clean.stderr
 
     args = tiny_overrides(tiny_llama, tmp_path / "killed")
-    killed = run_cli(args, env={"QRUNNER_FAULT": "quantize.block_committed:1"})
+    killed = run_cli([*args, "run.on_oom=fail"], env={"QRUNNER_FAULT": "quantize.block_committed:1"})
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     run_dir = _run_dir(tmp_path / "killed")
     units = run_dir / "stages" / "quantize.partial" / "units"

@@ -20,6 +20,11 @@ class MemoryMode(str, Enum):
     low = "low"
 
 
+class OnOom(str, Enum):
+    downgrade = "downgrade"
+    fail = "fail"
+
+
 class ShortSamples(str, Enum):
     concat = "concat"
     drop = "drop"
@@ -146,6 +151,8 @@ class RunConfig:
     dir: Optional[str] = None
     fresh: bool = False
     show_progress: bool = True
+    # when the run dies of memory (OOM kill, MemoryError): restart it one memory mode lower, or fail
+    on_oom: OnOom = OnOom.downgrade
 
 
 @dataclass

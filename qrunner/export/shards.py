@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 
 import torch
-from safetensors.torch import save_file
 
 __all__ = ["INDEX_FILE", "SINGLE_FILE", "ShardedSafetensorsWriter", "shard_name"]
 
@@ -26,10 +26,67 @@ def _partial_name(k: int) -> str:
     return f".model-{k:05d}.safetensors.partial"
 
 
-class ShardedSafetensorsWriter:
-    """Buffer tensors and write them to shards of at most ``max_shard_bytes`` as they fill.
+_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+}
+_COPY_CHUNK = 16 << 20
 
-    A full shard is written to disk and dropped from memory immediately. ``close()`` gives
+
+class _Spool:
+    """The shard being filled: tensor bytes go to a spool file as they come, only their layout stays in RAM."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.file = open(path, "wb")
+        self.entries: dict[str, tuple[torch.dtype, list[int], int, int]] = {}  # dtype, shape, offset, size
+        self.nbytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        data = tensor.reshape(-1).view(torch.uint8).numpy() if tensor.nbytes else b""
+        self.file.write(data)
+        self.entries[name] = (tensor.dtype, list(tensor.shape), self.nbytes, tensor.nbytes)
+        self.nbytes += tensor.nbytes
+
+    def write_shard(self, path: Path, metadata: Mapping[str, str]) -> None:
+        """The safetensors file: header (tensors ordered by alignment, then name), then the data."""
+        self.file.close()
+        order = sorted(self.entries, key=lambda n: (-_itemsize(self.entries[n][0]), n))
+        header: dict[str, object] = {"__metadata__": dict(metadata)}
+        offset = 0
+        for name in order:
+            dtype, shape, _, size = self.entries[name]
+            header[name] = {"dtype": _DTYPES[dtype], "shape": shape, "data_offsets": [offset, offset + size]}
+            offset += size
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        with open(path, "wb") as out, open(self.path, "rb") as src:
+            out.write(struct.pack("<Q", len(raw)))
+            out.write(raw)
+            for name in order:
+                _, _, start, size = self.entries[name]
+                src.seek(start)
+                while size:
+                    chunk = src.read(min(size, _COPY_CHUNK))
+                    out.write(chunk)
+                    size -= len(chunk)
+        self.path.unlink()
+
+    def discard(self) -> None:
+        self.file.close()
+        self.path.unlink(missing_ok=True)
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+class ShardedSafetensorsWriter:
+    """Write tensors to shards of at most ``max_shard_bytes`` as they come, holding none of them in RAM.
+
+    Each tensor's bytes go to the running shard's spool file when added; a full shard gets its header and
+    is written out from the spool. ``close()`` gives
     the shards their final names: ``model.safetensors`` when there is one, otherwise
     ``model-0000k-of-0000n.safetensors`` plus ``model.safetensors.index.json``. The same
     tensors added in the same order give byte-identical files. A tensor larger than
@@ -51,8 +108,7 @@ class ShardedSafetensorsWriter:
             raise FileExistsError(f"{self.out_dir} already holds checkpoint files: {stale}")
         self.max_shard_bytes = max_shard_bytes
         self.metadata = meta
-        self._buffer: dict[str, torch.Tensor] = {}
-        self._buffer_bytes = 0
+        self._spool: _Spool | None = None
         self._names: set[str] = set()
         self._shard_of: dict[str, int] = {}  # tensor name -> shard number (1-based)
         self._partials: list[Path] = []
@@ -65,7 +121,8 @@ class ShardedSafetensorsWriter:
         return self._total_size
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        """Queue ``tensor`` under ``name``; writes the running shard first if it would overflow."""
+        """Append ``tensor`` under ``name`` to the running shard (written to its spool file at once);
+        the running shard is finished first if it would overflow."""
         if self._closed:
             raise RuntimeError("writer is closed")
         if not isinstance(name, str) or not name:
@@ -76,34 +133,28 @@ class ShardedSafetensorsWriter:
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(tensor).__name__}")
         if tensor.device.type != "cpu":
             raise ValueError(f"{name}: tensors must be on CPU, got {tensor.device}")
+        if tensor.dtype not in _DTYPES:
+            raise TypeError(f"{name}: dtype {tensor.dtype} cannot be stored in safetensors")
         tensor = tensor.detach().contiguous()
-        if tensor.untyped_storage().nbytes() != tensor.nbytes:
-            tensor = tensor.clone()  # a view into a larger buffer: store only its own bytes
         nbytes = tensor.nbytes
-        if self._buffer and self._buffer_bytes + nbytes > self.max_shard_bytes:
+        if self._spool is not None and self._spool.nbytes and self._spool.nbytes + nbytes > self.max_shard_bytes:
             self._flush()
+        if self._spool is None:
+            self._spool = _Spool(self.out_dir / f".model-{len(self._partials) + 1:05d}.spool")
+        self._spool.add(name, tensor)
         self._names.add(name)
-        self._buffer[name] = tensor
-        self._buffer_bytes += nbytes
         self._total_size += nbytes
 
     def _flush(self) -> None:
-        if not self._buffer:
+        if self._spool is None:
             return
         k = len(self._partials) + 1
         path = self.out_dir / _partial_name(k)
-        seen: set[int] = set()
-        tensors = {}
-        for name, t in self._buffer.items():  # safetensors refuses tensors sharing memory
-            ptr = t.untyped_storage().data_ptr()
-            tensors[name] = t.clone() if t.nbytes and ptr in seen else t
-            seen.add(ptr)
-        save_file(tensors, str(path), metadata=self.metadata)
-        for name in self._buffer:
+        self._spool.write_shard(path, self.metadata)
+        for name in self._spool.entries:
             self._shard_of[name] = k
         self._partials.append(path)
-        self._buffer = {}
-        self._buffer_bytes = 0
+        self._spool = None
 
     def close(self) -> list[Path]:
         """Write the last shard, name the files; returns the shard paths, then the index if any."""
@@ -130,8 +181,10 @@ class ShardedSafetensorsWriter:
         return [*finals, index_path]
 
     def abort(self) -> None:
-        """Drop buffered tensors and delete shards written so far."""
-        self._buffer = {}
+        """Drop the running shard and delete shards written so far."""
+        if self._spool is not None:
+            self._spool.discard()
+            self._spool = None
         for p in self._partials:
             p.unlink(missing_ok=True)
         self._partials = []

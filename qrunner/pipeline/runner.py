@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -9,10 +10,12 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from omegaconf import DictConfig
 
+from qrunner.errors import UserError
 from qrunner.memory.monitor import MemoryMonitor
 from qrunner.pipeline.dag import topological_order
 from qrunner.pipeline.fingerprint import select_keys, stage_fingerprint
 from qrunner.pipeline.stage import Stage, StageContext, stage_class
+from qrunner.pipeline.status import report_status
 from qrunner.pipeline.store import ArtifactStore
 from qrunner.pipeline.units import UnitStore
 
@@ -26,6 +29,15 @@ class StageResult:
     peak_rss_mb: float
     metrics: Dict[str, Any] = field(default_factory=dict)
     reason: str = ""
+    commit_seconds: float = 0.0  # publishing the stage's folder (fsync + rename)
+
+
+GB = 1024**3
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 class Runner:
@@ -50,9 +62,12 @@ class Runner:
         fps: Dict[str, str] = {}
         for name in self.order:
             stage = self.stages[name]
-            fps[name] = stage_fingerprint(name, stage.version, select_keys(self.cfg, stage.reads),
+            fps[name] = stage_fingerprint(name, stage.version, self._reads(stage),
                                           {n: fps[n] for n in stage.needs}, self.model_id)
         return fps
+
+    def _reads(self, stage: Stage) -> Dict[str, Any]:
+        return select_keys(self.cfg, stage.reads)
 
     def plan(self) -> Dict[str, Optional[str]]:
         """For each stage: None if its committed result is reused, else why it runs."""
@@ -63,15 +78,43 @@ class Runner:
                 partial = self.store.partial(name)
                 decisions[name] = "resuming from its checkpoints" if partial.exists() else "not run yet"
             elif manifest.get("fingerprint") != self.fingerprints[name]:
-                decisions[name] = "its inputs or settings changed"
+                decisions[name] = self._drift(name, manifest, decisions)
             else:
-                decisions[name] = self.stages[name].still_valid(self.cfg, self.store.final(name), manifest)
+                damaged = self.store.damaged(name)
+                if damaged:
+                    self.log.warning("stage %s: committed artifact %s; the stage runs again", name, damaged)
+                    decisions[name] = f"damaged artifact ({damaged})"
+                else:
+                    decisions[name] = self.stages[name].still_valid(self.cfg, self.store.final(name), manifest)
         return decisions
+
+    def _drift(self, name: str, manifest: Dict[str, Any], decided: Dict[str, Optional[str]]) -> str:
+        """Why a committed stage's fingerprint no longer matches: the keys that changed, or what else did."""
+        stage = self.stages[name]
+        old, new = manifest.get("reads"), self._reads(stage)
+        if old is not None:
+            changed = [f"{k}: {_short(old.get(k))} -> {_short(new.get(k))}" for k in sorted(set(old) | set(new))
+                       if old.get(k) != new.get(k)]
+            if changed:
+                return "settings changed (" + "; ".join(changed) + ")"
+        if manifest.get("version") != stage.version:
+            return f"stage version changed ({manifest.get('version')} -> {stage.version})"
+        if manifest.get("model") not in (None, self.model_id):
+            return "the source checkpoint changed (config.json or safetensors headers)"
+        upstream = [n for n in stage.needs if (manifest.get("upstream") or {}).get(n) != self.fingerprints[n]]
+        if upstream or any(decided.get(n) for n in stage.needs):
+            return "upstream " + ", ".join(upstream or [n for n in stage.needs if decided.get(n)]) + " changed"
+        return "its inputs or settings changed"
 
     def run(self) -> List[StageResult]:
         self.store.clean_temporaries()
         results: List[StageResult] = []
-        for name, reason in self.plan().items():
+        plan = self.plan()
+        reused = [n for n, why in plan.items() if why is None]
+        if reused and len(reused) < len(plan):
+            self.log.info("resume: reusing %s; running %s", ", ".join(reused),
+                          ", ".join(n for n, why in plan.items() if why is not None))
+        for name, reason in plan.items():
             stage, fp = self.stages[name], self.fingerprints[name]
             if reason is None:
                 manifest = self.store.manifest(name) or {}
@@ -80,10 +123,21 @@ class Runner:
                                            manifest.get("peak_rss_mb", 0.0), manifest.get("metrics", {})))
                 continue
             self.log.info("stage %-9s running: %s", name, reason)
+            report_status(stage=name, block=None)
             results.append(self._run_stage(stage, fp, reason))
         return results
 
+    def _check_disk(self, stage: Stage) -> None:
+        """Refuse, before writing, a stage whose estimated output does not fit the free disk space."""
+        need = int(stage.estimate_bytes(self.cfg, self.session) or 0)
+        free = shutil.disk_usage(self.run_dir).free
+        if need > free:
+            raise UserError(f"stage {stage.name} needs about {need / GB:.2f} GB of disk in {self.run_dir}, but only "
+                            f"{free / GB:.2f} GB are free; free some space or point run.root (or run.dir) at a "
+                            "larger disk. Nothing was written.")
+
     def _run_stage(self, stage: Stage, fp: str, reason: str) -> StageResult:
+        self._check_disk(stage)
         out = self.store.begin(stage.name, fp)
         units = UnitStore(out / "units", stage.name)
         units.clean_temporaries()
@@ -97,10 +151,14 @@ class Runner:
         metrics = dict(stage.run(ctx) or {})
         seconds = round(time.time() - started, 3)
         peak = self.monitor.section_peak_mb()
+        committing = time.time()
         self.store.commit(stage.name, {
             "stage": stage.name, "version": stage.version, "fingerprint": fp, "needs": list(stage.needs),
+            "reads": self._reads(stage), "upstream": {n: self.fingerprints[n] for n in stage.needs},
+            "model": self.model_id,
             "started_at": started, "ended_at": started + seconds, "seconds": seconds, "peak_rss_mb": peak,
             "metrics": metrics,
         })
+        commit_seconds = round(time.time() - committing, 3)
         self.log.info("stage %-9s done in %.2fs, peak RSS %.0f MB", stage.name, seconds, peak)
-        return StageResult(stage.name, "ran", fp, seconds, peak, metrics, reason)
+        return StageResult(stage.name, "ran", fp, seconds, peak, metrics, reason, commit_seconds)

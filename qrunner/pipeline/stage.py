@@ -44,7 +44,7 @@ class Stage:
         """For stages that write outside their folder: why a committed result is no longer usable, or None."""
         return None
 
-    def estimate_bytes(self, cfg: DictConfig) -> int:
+    def estimate_bytes(self, cfg: DictConfig, session: Any) -> int:
         """Rough size of what the stage writes (for disk-space checks); 0 when unknown or small."""
         return 0
 

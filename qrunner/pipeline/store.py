@@ -14,6 +14,7 @@ from typing import Any, Dict, Optional
 
 from qrunner.pipeline.atomic import publish_dir, remove_tree, write_bytes_atomic, write_json_atomic
 from qrunner.pipeline.faults import fault_point
+from qrunner.pipeline.integrity import first_problem, records
 
 MANIFEST = "manifest.json"
 FINGERPRINT = "fingerprint"
@@ -58,14 +59,17 @@ class ArtifactStore:
         partial = self.partial(name)
         (partial / FINGERPRINT).unlink(missing_ok=True)
         manifest = dict(manifest)
-        manifest["files"] = {
-            str(p.relative_to(partial)): p.stat().st_size
-            for p in sorted(partial.rglob("*")) if p.is_file() and p.name != MANIFEST
-        }
+        manifest["files"] = records(partial, [str(p.relative_to(partial)) for p in sorted(partial.rglob("*"))
+                                              if p.is_file() and p.name != MANIFEST])
         write_json_atomic(partial / MANIFEST, manifest)
         fault_point(f"{name}.before_publish")
         publish_dir(partial, self.final(name))
         fault_point(f"{name}.committed")
+
+    def damaged(self, name: str) -> Optional[str]:
+        """'FILE: why' when a file of the committed stage is missing, truncated or changed; else None."""
+        manifest = self.manifest(name) or {}
+        return first_problem(self.final(name), manifest.get("files", {}))
 
     def invalidate(self, name: str) -> None:
         remove_tree(self.final(name))

@@ -4,10 +4,11 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from qrunner.pipeline.atomic import publish_dir, remove_tree, write_json_atomic
 from qrunner.pipeline.faults import fault_point
+from qrunner.pipeline.integrity import first_problem, records
 
 UNIT_MANIFEST = "unit.json"
 
@@ -18,6 +19,7 @@ class UnitStore:
     def __init__(self, root: Path, stage_name: str) -> None:
         self.root = root
         self.stage_name = stage_name
+        self.commit_seconds = 0.0  # time spent checkpointing units (write, fsync, publish) in this process
 
     def path(self, key: str) -> Path:
         return self.root / key
@@ -29,6 +31,14 @@ class UnitStore:
         import json
 
         return json.loads((self.root / key / UNIT_MANIFEST).read_text())
+
+    def damaged(self, key: str, may_be_removed: Sequence[str] = ()) -> Optional[str]:
+        """'FILE: why' when a file of committed unit `key` is missing, truncated or changed; else None.
+        Files named in `may_be_removed` may be gone (a stage deletes what it no longer needs)."""
+        return first_problem(self.path(key), self.info(key).get("files", {}), may_be_removed)
+
+    def clear(self) -> None:
+        remove_tree(self.root)
 
     def completed(self) -> List[str]:
         if not self.root.is_dir():
@@ -45,9 +55,11 @@ class UnitStore:
         info = dict(write(tmp) or {})
         info.setdefault("committed_at", time.time())
         info.setdefault("seconds", round(time.time() - started, 3))
-        info["files"] = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
+        info["files"] = records(tmp, [p.name for p in sorted(tmp.iterdir()) if p.is_file()])
+        fault_point(f"{self.stage_name}.unit_written")
         write_json_atomic(tmp / UNIT_MANIFEST, info)
         publish_dir(tmp, self.root / key)
+        self.commit_seconds += time.time() - started
         fault_point(f"{self.stage_name}.unit_committed")
         return info
 

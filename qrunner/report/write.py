@@ -100,6 +100,8 @@ def markdown(report: Dict[str, Any], images: List[Path]) -> str:
         f"- memory mode: {report['memory'].get('mode')} (budget {report['memory'].get('budget_gb')} GB)",
         f"- export: `{report['export_dir']}`",
         f"- wall time {report['wall_seconds']:.1f} s, peak RSS {report['peak_rss_mb']:.0f} MB",
+        *(f"- restarted after {r['cause']} in memory={r['mode']} at {r['where']} (peak RSS {r['peak_rss_mb']} MB) "
+          f"-> memory={r['restart_mode']}" for r in report.get("restarts", [])),
         "",
         "| stage | status | time (s) | peak RSS (MB) |",
         "|---|---|---:|---:|",

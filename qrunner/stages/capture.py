@@ -31,6 +31,9 @@ class CaptureStage(Stage):
     version = 2
     description = "inputs of the first block"
 
+    def estimate_bytes(self, cfg: Any, session: Any) -> int:
+        return session.activation_bytes(int(cfg.data.nsamples), int(cfg.data.seqlen))
+
     def run(self, ctx: StageContext) -> Dict[str, Any]:
         session = ctx.session
         input_ids = load_file(str(ctx.inputs["data"] / SAMPLES))["input_ids"]

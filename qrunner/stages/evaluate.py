@@ -49,6 +49,12 @@ class EvaluateStage(Stage):
     version = 1
     description = "perplexity, original vs quantized"
 
+    def estimate_bytes(self, cfg: Any, session: Any) -> int:
+        if not (cfg.eval.enabled and session.activations_on_disk):
+            return 0
+        windows = int(cfg.eval.nsamples) or 256  # all windows of the held-out text: rarely more
+        return 5 * session.activation_bytes(windows, int(cfg.eval.seqlen))
+
     def run(self, ctx: StageContext) -> Dict[str, Any]:
         cfg, session = ctx.cfg, ctx.session
         if not cfg.eval.enabled:

@@ -13,14 +13,15 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from omegaconf import DictConfig
-from safetensors import safe_open
 
 from qrunner.config.validate import parse_size
 from qrunner.errors import UserError
 from qrunner.export.auto_round import pack_layer, quantization_config
 from qrunner.export.shards import ShardedSafetensorsWriter
+from qrunner.memory.streaming import CheckpointReader
 from qrunner.pipeline.atomic import fsync_tree, remove_tree
 from qrunner.pipeline.faults import fault_point
+from qrunner.pipeline.integrity import first_problem, records
 from qrunner.pipeline.stage import Stage, StageContext, register_stage
 from qrunner.stages.load import read_model_info
 from qrunner.stages.quantize import quantized_layers, scheme_of
@@ -56,6 +57,9 @@ class ExportStage(Stage):
     version = 1
     description = "quantized checkpoint"
 
+    def estimate_bytes(self, cfg: Any, session: Any) -> int:
+        return session.checkpoint_bytes()  # at most the source's size for weights of 8 bits or fewer
+
     def run(self, ctx: StageContext) -> Dict[str, Any]:
         cfg, session = ctx.cfg, ctx.session
         scheme = scheme_of(cfg)
@@ -65,28 +69,32 @@ class ExportStage(Stage):
             raise UserError(f"export.output_dir={str(final)!r} exists and is not a checkpoint qrunner wrote; "
                             "choose an empty or new folder, or remove it.")
         final.parent.mkdir(parents=True, exist_ok=True)
+        for stale in final.parent.glob(f".tmp-{final.name}-*"):  # left by a killed export
+            remove_tree(stale)
         tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
-        remove_tree(tmp)
         tmp.mkdir()
 
         layers = quantized_layers(ctx.inputs["quantize"])
         writer = ShardedSafetensorsWriter(tmp, parse_size(cfg.export.max_shard_size))
         packed: set = set()
+        reader = CheckpointReader(session.model_dir)  # one tensor in RAM at a time, no lingering mapped pages
+        by_shard: Dict[Path, List[str]] = {}
+        for key, shard in reader.shard_of.items():
+            by_shard.setdefault(shard, []).append(key)
         for shard in source_shards(session.model_dir):
-            with safe_open(str(shard), framework="pt") as f:
-                keys = sorted(f.keys())
-                for key in keys:
-                    module, _, leaf = key.rpartition(".")
-                    if module in layers:
-                        if leaf == "weight":
-                            bias = f.get_tensor(f"{module}.bias") if f"{module}.bias" in keys else None
-                            for suffix, tensor in pack_layer(layers[module], bias).items():
-                                writer.add(f"{module}.{suffix}", tensor)
-                            packed.add(module)
-                        elif leaf != "bias":
-                            writer.add(key, f.get_tensor(key))
-                    else:
-                        writer.add(key, f.get_tensor(key))
+            keys = sorted(by_shard.get(shard, []))
+            for key in keys:
+                module, _, leaf = key.rpartition(".")
+                if module in layers:
+                    if leaf == "weight":
+                        bias = reader.read(f"{module}.bias") if f"{module}.bias" in reader.shard_of else None
+                        for suffix, tensor in pack_layer(layers[module], bias).items():
+                            writer.add(f"{module}.{suffix}", tensor)
+                        packed.add(module)
+                    elif leaf != "bias":
+                        writer.add(key, reader.read(key))
+                else:
+                    writer.add(key, reader.read(key))
         missing = sorted(set(layers) - packed)
         if missing:
             raise RuntimeError(f"export: {len(missing)} quantized layers have no weight in the source checkpoint "
@@ -105,24 +113,20 @@ class ExportStage(Stage):
         fsync_tree(tmp)
         remove_tree(final)
         os.replace(tmp, final)
-        files = {p.name: p.stat().st_size for p in sorted(final.iterdir()) if p.is_file()}
+        files = records(final, [p.name for p in sorted(final.iterdir()) if p.is_file()])
         (ctx.out / RECORD).write_text(json.dumps({"output_dir": str(final), "files": files}, indent=1))
         ctx.log.info("export: %d quantized layers, %d shard(s) -> %s", len(packed), len(shards), final)
         return {"output_dir": str(final), "format": "auto_round", "packing_format": qconfig["packing_format"],
                 "quantized_layers": len(packed), "shards": len(shards), "side_files": copied,
-                "bytes": sum(files.values())}
+                "bytes": sum(f["size"] for f in files.values())}
 
     def still_valid(self, cfg: DictConfig, stage_dir: Path, manifest: Dict[str, Any]) -> Optional[str]:
         try:
             record = json.loads((stage_dir / RECORD).read_text())
         except (OSError, ValueError):
             return "its record is missing"
-        folder = Path(record["output_dir"])
-        for name, size in record["files"].items():
-            file = folder / name
-            if not file.is_file() or file.stat().st_size != size:
-                return f"{file} is missing or changed"
-        return None
+        damaged = first_problem(Path(record["output_dir"]), record["files"])
+        return f"exported file {damaged}" if damaged else None
 
 
 def extra_config(layers: List[Dict[str, Any]], scheme: Any) -> Dict[str, Dict[str, Any]]:

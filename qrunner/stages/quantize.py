@@ -8,12 +8,13 @@ run killed at any point resumes exactly where it stopped.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from safetensors import safe_open
@@ -28,6 +29,7 @@ from qrunner.models.adapter import LayerPlan, get_module
 from qrunner.models.block_io import load_block_kwargs
 from qrunner.pipeline.faults import fault_point
 from qrunner.pipeline.stage import Stage, StageContext, register_stage
+from qrunner.pipeline.status import report_status
 from qrunner.quant.autoround import TuneSettings, tune_block
 from qrunner.quant.opt_rtn import ImportanceCollector, quantize_weighted_rtn
 from qrunner.quant.rtn import QuantizedWeight, quantize_rtn
@@ -59,6 +61,15 @@ def tune_settings(cfg: Any) -> TuneSettings:
     return TuneSettings(iters=int(q.iters), lr=q.lr, minmax_lr=q.minmax_lr, batch_size=int(q.batch_size),
                         grad_accum=int(q.grad_accum), minmax_tuning=bool(q.minmax_tuning),
                         amp_bf16=bool(q.amp_bf16), compile=bool(q.compile))
+
+
+def smaller_micro_batch(settings: TuneSettings) -> Optional[TuneSettings]:
+    """Half the micro-batch, twice the accumulation steps: the same effective batch in less memory."""
+    if settings.batch_size <= 1:
+        return None
+    half = settings.batch_size // 2
+    return dataclasses.replace(settings, batch_size=half,
+                               grad_accum=settings.grad_accum * -(-settings.batch_size // half))
 
 
 def block_seed(seed: int, index: int) -> int:
@@ -186,6 +197,12 @@ class QuantizeStage(Stage):
     version = 3
     description = "block-by-block AutoRound tuning, checkpointed per block"
 
+    def estimate_bytes(self, cfg: Any, session: Any) -> int:
+        """Packed codes (1 byte a weight) and scales of every layer, plus the activations on disk at the worst
+        moment: the last committed block's two chains, the block in flight's two, and (low) its scratch."""
+        codes = sum(p.in_features * p.out_features * 1.1 for p in session.layer_plan if p.quantize)
+        return int(codes) + 5 * session.activation_bytes(int(cfg.data.nsamples), int(cfg.data.seqlen))
+
     def run(self, ctx: StageContext) -> Dict[str, Any]:
         session, cfg = ctx.session, ctx.cfg
         names = session.block_names()
@@ -197,6 +214,15 @@ class QuantizeStage(Stage):
         start = 0
         while start < len(names) and ctx.units.done(unit_key(start)):
             start += 1
+        damaged = next(filter(None, (ctx.units.damaged(unit_key(i), _chain_files()) for i in range(start))), None)
+        if damaged is None and start and not all(ActivationFile.exists(ctx.units.path(unit_key(start - 1)) / c)
+                                                 for c in (QCHAIN, FPCHAIN)):
+            damaged = f"{ctx.units.path(unit_key(start - 1))}: the next block's inputs are missing"
+        if damaged:
+            ctx.log.warning("quantize: committed block checkpoint damaged (%s); the blocks after it need inputs "
+                            "that are no longer kept, so quantization starts again at block 1", damaged)
+            ctx.units.clear()
+            start = 0
         if start:
             ctx.log.info("quantize: resuming at block %d/%d (%d block(s) already committed)", start + 1,
                          len(names), start)
@@ -206,6 +232,7 @@ class QuantizeStage(Stage):
                    disable=not cfg.run.show_progress)
         for index in bar:
             started = time.time()
+            report_status(block=index, blocks=len(names))
             torch.manual_seed(block_seed(cfg.quant.seed, index))
             generator = torch.Generator().manual_seed(block_seed(cfg.quant.seed, index))
             with session.block(index) as (name, block):
@@ -257,7 +284,8 @@ class QuantizeStage(Stage):
         infos = [ctx.units.info(unit_key(i)) for i in range(len(names))]
         return {"blocks": len(names), "resumed_at_block": start, "iters": int(cfg.quant.iters),
                 "block_loss": [i["loss"] for i in infos], "block_loss_rtn": [i["loss_rtn"] for i in infos],
-                "layers_quantized": sum(len(p) for p in plan_by_block.values())}
+                "layers_quantized": sum(len(p) for p in plan_by_block.values()),
+                "checkpoint_seconds": round(ctx.units.commit_seconds, 3)}
 
     def _chains(self, ctx: StageContext, chains: ChainRows, start: int) -> Tuple[Rows, Rows]:
         """Inputs of block `start`: the captured hidden states, or the chains committed with the block before."""
@@ -279,14 +307,31 @@ class QuantizeStage(Stage):
                 return adapter.run_block(b, x, shared)
 
             def progress(step: int, loss: float) -> None:
+                fault_point("quantize.tuning")
                 if step % 25 == 0:
                     bar.set_postfix(iter=f"{step}/{settings.iters}", loss=f"{loss:.2e}")
 
-            result = tune_block(block, {rel[p.name]: layer_scheme(p) for p in plans}, x_q, target, forward,
-                                settings, generator, progress)
+            layers = {rel[p.name]: layer_scheme(p) for p in plans}
+            seed, retries = generator.initial_seed(), []
+            while True:
+                try:
+                    result = tune_block(block, layers, x_q, target, forward, settings,
+                                        torch.Generator().manual_seed(seed), progress)
+                    break
+                except torch.OutOfMemoryError as err:
+                    smaller = smaller_micro_batch(settings)
+                    if smaller is None:
+                        raise
+                    ctx.log.warning("quantize: %s out of memory with micro-batch %d (%s); retrying with micro-batch "
+                                    "%d x %d accumulation steps (same effective batch)", block_name,
+                                    settings.batch_size, str(err).splitlines()[0], smaller.batch_size,
+                                    smaller.grad_accum)
+                    retries.append({"micro_batch": settings.batch_size, "retry_micro_batch": smaller.batch_size})
+                    settings = smaller
             weights = {f"{block_name}.{k}": v for k, v in result.weights.items()}
             return weights, {"rtn_weights": rtn, "best_iter": result.best_iter, "first_loss": result.first_loss,
-                             "best_loss": result.best_loss, "tune_seconds": round(result.seconds, 3)}
+                             "best_loss": result.best_loss, "tune_seconds": round(result.seconds, 3),
+                             "oom_retries": retries}
         if cfg.quant.opt_rtn:
             modules = {p.name: get_module(block, rel[p.name]) for p in plans}
             with ImportanceCollector(modules) as collector, torch.no_grad():
@@ -296,6 +341,10 @@ class QuantizeStage(Stage):
                        for (n, m), p in zip(modules.items(), plans)}
             return weights, {"rtn_weights": rtn}
         return rtn, {"rtn_weights": None}
+
+
+def _chain_files() -> List[str]:
+    return [str(f.name) for c in (QCHAIN, FPCHAIN) for f in ActivationFile(Path(c), 0, (), torch.float32).files()]
 
 
 def _drop_next_inputs(unit: Path) -> None:

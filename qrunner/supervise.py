@@ -1,0 +1,107 @@
+"""run.on_oom=downgrade: run the pipeline in a child process and restart it one memory mode lower when it
+dies of memory.
+
+The parent does no work of its own: it starts `python -m qrunner ARGS` with QRUNNER_CHILD set, and waits.
+A child killed by SIGKILL (what the kernel's OOM killer sends) or exiting with EXIT_OOM (it caught a
+`MemoryError` or a torch out-of-memory error) is restarted with `memory=` one step lower (high -> medium ->
+low); the run directory is the same, so the restart resumes from the committed artifacts. The child's
+last status record (QRUNNER_STATUS) says which mode it ran in and where it was. When `low` fails too, the
+parent stops with a report of where and what to try. With run.on_oom=fail the child's exit is passed on.
+
+The parent also sets MALLOC_MMAP_THRESHOLD_ for the child (unless the user set it): large tensors then come
+from mmap and go back to the OS when freed, instead of ratcheting the heap up block after block.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from qrunner.pipeline.faults import ENV as FAULT_ENV
+from qrunner.pipeline.status import ENV as STATUS_ENV
+from qrunner.pipeline.status import read_status
+
+CHILD_ENV = "QRUNNER_CHILD"
+RESTARTS_ENV = "QRUNNER_RESTARTS"
+ARGV_ENV = "QRUNNER_ARGV"
+EXIT_OOM = 75  # the child ran out of memory (EX_TEMPFAIL)
+LOWER = {"high": "medium", "medium": "low"}
+_INFO_FLAGS = ("--cfg", "-c", "--help", "-h", "--hydra-help", "--info", "-i", "--shell-completion", "-sc")
+
+
+def should_supervise(argv: List[str]) -> bool:
+    return not os.environ.get(CHILD_ENV) and not any(a.split("=")[0] in _INFO_FLAGS for a in argv)
+
+
+def resume_command() -> str:
+    """The command that resumes this run: what the user typed (as the supervisor got it)."""
+    return resume_command_for(json.loads(os.environ.get(ARGV_ENV, "null")) or sys.argv[1:])
+
+
+def restarts() -> List[Dict[str, object]]:
+    return json.loads(os.environ.get(RESTARTS_ENV, "[]"))
+
+
+def _with_memory(argv: List[str], mode: Optional[str]) -> List[str]:
+    if mode is None:
+        return list(argv)
+    return [a for a in argv if not a.lstrip("+~").startswith("memory=")] + [f"memory={mode}"]
+
+
+def supervise(argv: List[str]) -> int:
+    attempts: List[Dict[str, object]] = []
+    mode: Optional[str] = None
+    with tempfile.TemporaryDirectory(prefix="qrunner-supervisor-") as tmp:
+        while True:
+            status_file = Path(tmp) / f"status-{len(attempts)}.json"
+            env = dict(os.environ, **{CHILD_ENV: "1", STATUS_ENV: str(status_file), ARGV_ENV: json.dumps(argv),
+                                      RESTARTS_ENV: json.dumps(attempts)})
+            env.setdefault("MALLOC_MMAP_THRESHOLD_", str(1 << 20))
+            if attempts:
+                env.pop(FAULT_ENV, None)  # an injected fault hits the first attempt only
+            try:
+                code = subprocess.run([sys.executable, "-m", "qrunner", *_with_memory(argv, mode)], env=env).returncode
+            except KeyboardInterrupt:
+                return 130
+            if code == 0:
+                return 0
+            status = read_status(status_file)
+            died_of_memory = code in (-signal.SIGKILL, EXIT_OOM)
+            if not died_of_memory or status.get("on_oom") != "downgrade":
+                if code < 0:  # pass a deadly signal on as such
+                    if -code != signal.SIGKILL:
+                        signal.signal(-code, signal.SIG_DFL)
+                    os.kill(os.getpid(), -code)
+                return code
+            where = _where(status)
+            cause = "killed (SIGKILL, as by the OOM killer)" if code < 0 else "out of memory"
+            current = status.get("mode") or "high"
+            lower = LOWER.get(str(current))
+            attempts.append({"mode": current, "cause": cause, "where": where, "peak_rss_mb": status.get("peak_rss_mb"),
+                             "restart_mode": lower})
+            if lower is None:
+                print(f"qrunner: {cause} in memory={current} at {where} (peak RSS "
+                      f"{status.get('peak_rss_mb', '?')} MB), the lowest memory mode; nothing finished is lost. "
+                      "Try: lower data.nsamples, data.seqlen or quant.batch_size, close other programs, or use a "
+                      f"machine with more RAM. Resume with: {resume_command_for(argv)}", file=sys.stderr)
+                return EXIT_OOM
+            print(f"qrunner: {cause} in memory={current} at {where}; restarting in memory={lower}, resuming from "
+                  "the committed artifacts", file=sys.stderr)
+            mode = lower
+
+
+def resume_command_for(argv: List[str]) -> str:
+    return "qrunner " + shlex.join(argv) if argv else "qrunner"
+
+
+def _where(status: Dict[str, object]) -> str:
+    stage = status.get("stage") or "start-up"
+    if status.get("block") is not None and stage == "quantize":
+        return f"stage quantize, block {int(status['block']) + 1}/{status.get('blocks', '?')}"
+    return f"stage {stage}"
