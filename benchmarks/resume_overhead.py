@@ -5,7 +5,7 @@
    publication) as a share of the run's wall time. Target: at most 5 %.
 2. Work redone: the same run killed (SIGKILL, test-only fault hook) in the middle of block k's tuning, then
    the same command again. Counted from the resumed run's log: the blocks it quantized beyond those that
-   were still to do. Target: at most the block that was in flight (1).
+   were not committed yet. Target: 0, i.e. only the block that was in flight is redone.
 
 Writes resume_overhead.json and resume_overhead.md into --out.
 """
@@ -74,7 +74,7 @@ def redone_after_kill(common: List[str], root: Path, kill_block: int, iters: int
 def markdown(result: Dict[str, Any]) -> str:
     o, k = result["overhead"], result["kill"]
     ok_overhead = o["overhead_share"] <= 0.05
-    ok_redone = k["blocks_redone"] <= 1
+    ok_redone = k["blocks_redone"] == 0
     return "\n".join([
         f"# Resume overhead ({result['settings']})", "",
         "| measure | value | target |", "|---|---:|---|",
@@ -84,7 +84,8 @@ def markdown(result: Dict[str, Any]) -> str:
         f"| checkpointing share of the run | {100 * o['overhead_share']:.2f} % | <= 5 % "
         f"{'PASS' if ok_overhead else 'FAIL'} |",
         f"| killed in block | {k['killed_in_block']} (after {k['blocks_committed_before_kill']} committed) | |",
-        f"| blocks redone after the resume | {k['blocks_redone']} | <= 1 (the block in flight) "
+        f"| blocks quantized by the resumed run | {k['blocks_quantized_after_resume']} | |",
+        f"| committed blocks quantized again | {k['blocks_redone']} | 0: only the block in flight is redone "
         f"{'PASS' if ok_redone else 'FAIL'} |",
         f"| resumed run wall time | {k['resume_wall_seconds']:.1f} s | |", ""])
 

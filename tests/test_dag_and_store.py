@@ -44,8 +44,13 @@ def test_stage_is_complete_only_after_commit(tmp_path):
     assert store.is_complete("quantize", "fp1")
     assert not store.is_complete("quantize", "fp2")
     manifest = json.loads((tmp_path / "stages" / "quantize" / "manifest.json").read_text())
-    assert manifest["files"] == {"a.bin": 3}
+    assert manifest["files"]["a.bin"]["size"] == 3 and len(manifest["files"]["a.bin"]["sha256_ends"]) == 64
     assert not store.partial("quantize").exists()
+    assert store.damaged("quantize") is None
+    (tmp_path / "stages" / "quantize" / "a.bin").write_bytes(b"124")
+    assert store.damaged("quantize").endswith("a.bin: content changed")
+    (tmp_path / "stages" / "quantize" / "a.bin").write_bytes(b"12")
+    assert store.damaged("quantize").endswith("a.bin: 2 bytes, expected 3")
 
 
 def test_partial_work_survives_with_same_fingerprint_and_is_discarded_otherwise(tmp_path):

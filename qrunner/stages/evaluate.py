@@ -114,7 +114,7 @@ def streamed_perplexities(ctx: StageContext, windows: torch.Tensor, layers: Quan
     with session.head_model() as model, torch.no_grad():
         for chain, rows in x.items():
             total, count = 0.0, 0
-            for r in batches(len(rows), int(ctx.cfg.eval.batch_size)):
+            for r in batches(len(rows), 1):  # one window's vocabulary-wide logits at a time
                 logits = adapter.logits(model, rows.read(r))[:, :-1].float()
                 labels = windows[r.start:r.stop, 1:]
                 total += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
