@@ -9,9 +9,9 @@ from tqdm import tqdm
 
 from qrunner.data_sources import concatenated_windows, read_documents, tokenize_documents
 from qrunner.errors import UserError
+from qrunner.memory.activations import batches
 from qrunner.models.adapter import get_module
 from qrunner.pipeline.stage import Stage, StageContext, register_stage
-from qrunner.memory.activations import batches
 from qrunner.stages.capture import capture_block_inputs
 from qrunner.stages.quantize import ChainRows, QuantizedLayers, fake_quantized, forward_rows, quantized_layers
 
