@@ -85,6 +85,17 @@ class ActivationFile:
         return Path(str(path) + ".json")
 
     @classmethod
+    def paths(cls, path: Path) -> Tuple[Path, Path]:
+        """The data and header files of the row file at `path`."""
+        return cls.data_file(path), cls.header_file(path)
+
+    @classmethod
+    def remove(cls, path: Path) -> None:
+        """Delete the row file at `path` (both files), if present."""
+        for file in cls.paths(path):
+            file.unlink(missing_ok=True)
+
+    @classmethod
     def create(cls, path: Path, n: int, row_shape: Tuple[int, ...], dtype: torch.dtype) -> "ActivationFile":
         rows = cls(path, n, row_shape, dtype)
         cls.header_file(path).write_text(json.dumps({"n": rows.n, "row_shape": list(rows.row_shape),
@@ -108,7 +119,7 @@ class ActivationFile:
         return cls.header_file(path).is_file() and cls.data_file(path).is_file()
 
     def files(self) -> Tuple[Path, Path]:
-        return self.data_file(self.path), self.header_file(self.path)
+        return self.paths(self.path)
 
     def __len__(self) -> int:
         return self.n
@@ -177,8 +188,7 @@ class ActivationFile:
         return ActivationFile(path, self.n, self.row_shape, self.dtype)
 
     def unlink(self) -> None:
-        for file in self.files():
-            file.unlink(missing_ok=True)
+        self.remove(self.path)
 
 
 Rows = Union[TensorRows, ActivationFile]

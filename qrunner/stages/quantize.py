@@ -344,12 +344,12 @@ class QuantizeStage(Stage):
 
 
 def _chain_files() -> List[str]:
-    return [str(f.name) for c in (QCHAIN, FPCHAIN) for f in ActivationFile(Path(c), 0, (), torch.float32).files()]
+    return [f.name for c in (QCHAIN, FPCHAIN) for f in ActivationFile.paths(Path(c))]
 
 
 def _drop_next_inputs(unit: Path) -> None:
     for name in (QCHAIN, FPCHAIN):
-        ActivationFile(unit / name, 0, (), torch.float32).unlink()
+        ActivationFile.remove(unit / name)
 
 
 def _plan_by_block(plan: List[LayerPlan], block_names: List[str]) -> Dict[str, List[LayerPlan]]:
