@@ -256,7 +256,8 @@ def qrunner_command(ckpt: Path, mode: str, run_root: Path, args: argparse.Namesp
     return [sys.executable, "-m", "qrunner", f"model.path={ckpt}", f"memory={mode}", f"run.root={run_root}",
             "run.fresh=true", "run.show_progress=false", f"quant.iters={args.iters}",
             f"data.nsamples={args.nsamples}", f"data.seqlen={args.seqlen}", "scheme.group_size=128",
-            "eval.enabled=true", f"eval.nsamples={args.eval_nsamples}", f"eval.seqlen={args.eval_seqlen}"]
+            "eval.enabled=true", f"eval.nsamples={args.eval_nsamples}", f"eval.seqlen={args.eval_seqlen}",
+            *args.set]
 
 
 def read_report(run_root: Path) -> Optional[Dict[str, Any]]:
@@ -426,7 +427,8 @@ def markdown(data: Dict[str, Any]) -> str:
         f"- model: random-weight Llama, hidden {a['hidden']}, intermediate {a['intermediate']}, vocab {a['vocab']}, "
         f"bf16 safetensors (shards <= 1 GB); depths {', '.join(map(str, depths))}",
         f"- qrunner: W4A16 group 128, quant.iters={a['iters']}, data.nsamples={a['nsamples']}, "
-        f"data.seqlen={a['seqlen']}, eval on (eval.nsamples={a['eval_nsamples']}, eval.seqlen={a['eval_seqlen']})",
+        f"data.seqlen={a['seqlen']}, eval on (eval.nsamples={a['eval_nsamples']}, eval.seqlen={a['eval_seqlen']})"
+        + (f", {' '.join(a.get('set') or [])}" if a.get("set") else ""),
         f"- peak RSS: each run's child process, {data['rss_method']}; MiB",
         f"- baseline (`python -c \"{BASELINE_CODE}\"`): **{base:.0f} MiB**",
         f"- machine: {data['machine']}; finished {data['finished_at']}",
@@ -567,6 +569,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--seqlen", type=int, default=256, help="data.seqlen")
     p.add_argument("--eval-nsamples", type=int, default=4, help="eval.nsamples")
     p.add_argument("--eval-seqlen", type=int, default=256, help="eval.seqlen")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra qrunner override for every run (repeatable), e.g. model.compute_dtype=bfloat16")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     p.add_argument("--models-dir", default="/tmp/qrunner-bench-models")
     p.add_argument("--work-dir", default="/tmp/qrunner-bench-runs", help="run roots and per-run logs")

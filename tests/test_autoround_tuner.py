@@ -111,7 +111,7 @@ def test_best_iteration_is_the_lowest_loss_and_its_parameters_are_returned():
     x, y = _data(block, n=16)
     layers = {"0": QuantScheme(2, 32, True), "2": QuantScheme(2, 32, True)}
     iters = 40
-    res = tune_block(block, layers, x, y, _forward, TuneSettings(iters=iters, lr=0.02, batch_size=4), _gen(0))
+    res = tune_block(block, layers, x, y, _forward, TuneSettings(iters=iters, lr=0.02, batch_size=4, keep_params=True), _gen(0))
     assert len(res.losses) == iters and res.first_loss == res.losses[0]
     assert res.best_loss == min(res.losses)
     assert res.best_iter == res.losses.index(min(res.losses))
@@ -297,7 +297,7 @@ def test_v_moves_by_sign_steps_under_the_linear_lr_decay():
     layers = {"2": QuantScheme(4, 32, True)}
     lr, iters = 0.01, 20
     res = tune_block(block, layers, x, y, _forward,
-                     TuneSettings(iters=iters, lr=lr, batch_size=8, minmax_tuning=False), _gen(0))
+                     TuneSettings(iters=iters, lr=lr, batch_size=8, minmax_tuning=False, keep_params=True), _gen(0))
     assert res.params["2"]["min_scale"] is None
     v = res.params["2"]["v"]
     k = res.best_iter  # steps taken before the best iteration's parameters

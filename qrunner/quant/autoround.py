@@ -15,7 +15,8 @@
   backward runs on ``1000 * loss`` (AutoRound's ``_scale_loss_and_backward``; sign-SGD
   is scale-invariant, the factor only keeps tiny gradients away from underflow).
 * Optimizer: sign-SGD (``p -= lr * sign(grad)``), one step per iteration after
-  ``grad_accum`` mini-batches, lr decayed by ``torch.optim.lr_scheduler.LinearLR``
+  ``grad_accum`` mini-batches (with a single micro-batch per iteration each parameter steps inside
+  the backward pass as soon as its gradient is complete, so no block-sized gradient is held), lr decayed by ``torch.optim.lr_scheduler.LinearLR``
   (start 1.0, end 0.0, ``total_iters=iters``). Separate lr for min/max scales.
   Default lr: ``1/iters`` (AutoRound: ``2/iters`` for layers with ``bits <= 3`` when
   ``iters >= 1000``; mirrored per layer); ``minmax_lr`` defaults to the layer's lr.
@@ -26,7 +27,12 @@
 * Best selection: the loss of iteration ``i`` is computed (and the parameters snapshotted
   if it is strictly lower than the best so far) *before* the optimizer step of iteration
   ``i``, so the loss belongs to exactly the parameters saved; iteration 0 (v = 0,
-  scales = 1, i.e. plain RTN) takes part. No early stop (``dynamic_max_gap = -1``).
+  scales = 1, i.e. plain RTN) takes part. The snapshot is the layer quantized with those
+  parameters (1 byte a weight), not a copy of ``v``.
+
+Memory: besides the block's weights, tuning holds ``v`` (4 bytes a weight), the best snapshot
+(about 1 byte a weight) and one layer's recomputed fake-quantization at a time (activation
+checkpointing in :class:`_TunedLinear`), plus the block's activations for one micro-batch. No early stop (``dynamic_max_gap = -1``).
 
 Determinism: mini-batches are drawn only from ``generator``; nothing global is seeded or
 changed. Blocks with randomness of their own (dropout in train mode) use torch's global
@@ -64,6 +70,8 @@ class TuneSettings:
     ``amp_bf16`` runs the block forward under ``torch.autocast`` (bfloat16) on the
     inputs' device; the loss stays fp32. ``compile`` wraps ``forward`` with
     ``torch.compile``, falling back to eager with a warning if compiling fails.
+    ``keep_params`` also returns the best iteration's ``v`` / ``min_scale`` / ``max_scale``
+    (4 more bytes a weight while tuning); by default only the quantized weights are kept.
     """
 
     iters: int = 200
@@ -74,6 +82,7 @@ class TuneSettings:
     minmax_tuning: bool = True
     amp_bf16: bool = False
     compile: bool = False
+    keep_params: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.iters, bool) or not isinstance(self.iters, int) or self.iters < 0:
@@ -109,9 +118,9 @@ def default_lr(iters: int, bits: int) -> float:
 class TuneResult:
     """Outcome of :func:`tune_block`.
 
-    ``params[name]`` holds the best iteration's ``v`` / ``min_scale`` / ``max_scale``
-    (``min_scale``/``max_scale`` are ``None`` without min/max tuning); ``weights[name]`` is
-    ``quantize(weight, scheme, **params[name])``. With ``iters=0`` the weights are plain
+    ``weights[name]`` is ``quantize(weight, scheme, v, min_scale, max_scale)`` with the best
+    iteration's parameters. With ``settings.keep_params``, ``params[name]`` holds those parameters
+    (``min_scale``/``max_scale`` are ``None`` without min/max tuning); otherwise it is empty. With ``iters=0`` the weights are plain
     RTN, ``losses`` is empty and ``best_loss``/``first_loss`` are NaN (nothing was run).
     """
 
@@ -125,15 +134,18 @@ class TuneResult:
 
 
 class _TunedLinear(nn.Module):
-    """Stands in for an ``nn.Linear`` during tuning: fake-quantized weight, same bias."""
+    """Stands in for an ``nn.Linear`` during tuning: fake-quantized weight, same bias.
+
+    The fake-quantization and the matmul run under activation checkpointing: the forward pass keeps no
+    weight-sized intermediates for the backward pass (which recomputes them one layer at a time), so
+    a block's tuning state is its weights plus ``v`` (4 bytes a weight) whatever its depth of graph.
+    """
 
     def __init__(self, linear: nn.Linear, scheme: QuantScheme, minmax_tuning: bool) -> None:
         super().__init__()
         self.linear = linear
         self.scheme = scheme
         weight = linear.weight.detach()
-        # fp32 copy made once (no copy at all when the weight already is fp32; never written)
-        self.w32 = weight.to(torch.float32)
         out_features, in_features = weight.shape
         n_groups = scheme.n_groups(in_features)
         if in_features % scheme.effective_group_size(in_features) != 0:
@@ -155,16 +167,30 @@ class _TunedLinear(nn.Module):
                 self.min_scale.clamp_(0.0, 1.0)
                 self.max_scale.clamp_(0.0, 1.0)
 
-    def snapshot(self) -> dict[str, torch.Tensor | None]:
+    def params(self) -> dict[str, torch.Tensor | None]:
+        """Copies of the current ``v`` / ``min_scale`` / ``max_scale``."""
         return {
             "v": self.v.detach().clone(),
             "min_scale": None if self.min_scale is None else self.min_scale.detach().clone(),
             "max_scale": None if self.max_scale is None else self.max_scale.detach().clone(),
         }
 
+    @torch.no_grad()
+    def quantized(self) -> QuantizedWeight:
+        """The layer quantized with the current parameters (1 byte a weight: the best-iteration snapshot)."""
+        return quantize(self.linear.weight, self.scheme, self.v, self.min_scale, self.max_scale)
+
+    def _fake_quant_linear(self, x: torch.Tensor, v: torch.Tensor, min_scale: torch.Tensor | None,
+                           max_scale: torch.Tensor | None) -> torch.Tensor:
+        # quant_dequant computes in float32 and returns w_hat in the weight's dtype
+        w_hat, _, _, _ = quant_dequant(self.linear.weight, self.scheme, v, min_scale, max_scale)
+        return F.linear(x, w_hat, self.linear.bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w_hat, _, _, _ = quant_dequant(self.w32, self.scheme, self.v, self.min_scale, self.max_scale)
-        return F.linear(x, w_hat.to(self.linear.weight.dtype), self.linear.bias)
+        if not torch.is_grad_enabled():
+            return self._fake_quant_linear(x, self.v, self.min_scale, self.max_scale)
+        return torch.utils.checkpoint.checkpoint(self._fake_quant_linear, x, self.v, self.min_scale,
+                                                 self.max_scale, use_reentrant=False, preserve_rng_state=False)
 
 
 class _SignSGD(torch.optim.Optimizer):
@@ -265,8 +291,7 @@ def tune_block(
     wrappers = {name: entry[3] for name, entry in plan.items()}
     grad_flags = [(p, p.requires_grad) for p in _unique_params(block, wrappers)]
     losses: list[float] = []
-    best_iter, best_loss = 0, float("nan")
-    best = {name: w.snapshot() for name, w in wrappers.items()}
+    best_iter, best_loss, best = 0, float("nan"), None
     try:
         for p, _ in grad_flags:
             p.requires_grad_(False)
@@ -283,14 +308,26 @@ def tune_block(
         for p, flag in grad_flags:
             p.requires_grad_(flag)
 
-    weights = {}
-    for name, w in wrappers.items():
-        if settings.iters == 0:
-            weights[name] = quantize(w.linear.weight, w.scheme)
-        else:
-            weights[name] = quantize(w.linear.weight, w.scheme, **best[name])
+    if best is None:  # iters=0: plain RTN
+        best = {name: _Snapshot(quantize(w.linear.weight, w.scheme),
+                                _initial_params(w) if settings.keep_params else None)
+                for name, w in wrappers.items()}
+    weights = {name: snap.weight for name, snap in best.items()}
+    params = {name: snap.params for name, snap in best.items() if snap.params is not None}
     first_loss = losses[0] if losses else float("nan")
-    return TuneResult(weights, best_iter, best_loss, first_loss, losses, time.perf_counter() - start, best)
+    return TuneResult(weights, best_iter, best_loss, first_loss, losses, time.perf_counter() - start, params)
+
+
+@dataclass
+class _Snapshot:
+    """The best iteration so far: the layer quantized with its parameters (and, on request, the parameters)."""
+
+    weight: QuantizedWeight
+    params: dict[str, torch.Tensor | None] | None
+
+
+def _snapshot(wrappers: dict[str, _TunedLinear], keep_params: bool) -> dict[str, _Snapshot]:
+    return {name: _Snapshot(w.quantized(), w.params() if keep_params else None) for name, w in wrappers.items()}
 
 
 class RowSource(Protocol):
@@ -342,6 +379,7 @@ def _optimize(wrappers, block, inputs, targets, forward, settings, generator, pr
     n = len(inputs)
     batch_size = settings.batch_size
     global_batch = min(n, batch_size * settings.grad_accum)
+    micro_batches = -(-global_batch // batch_size)
     sampler = _IndexSampler(n, global_batch, generator)
     per_sample = int(targets.read([0]).numel())
     numel_global = float(global_batch * per_sample)
@@ -361,56 +399,97 @@ def _optimize(wrappers, block, inputs, targets, forward, settings, generator, pr
                           RuntimeWarning, stacklevel=3)
             fwd = forward
 
-    def run_iteration(fn, indices: torch.Tensor) -> float:
-        for w in wrappers.values():
-            w.clamp_scales_()
-        total = 0.0
-        for b in range(0, global_batch, batch_size):
-            mb = indices[b : b + batch_size]
-            x = inputs.read(mb)
-            y = targets.read(mb)
-            with amp():
-                out = fn(block, x)
-            y = y.to(out.device)
-            if out.shape != y.shape:
-                raise ValueError(f"forward returned shape {tuple(out.shape)}, targets have {tuple(y.shape)}")
-            loss = F.mse_loss(out.to(torch.float32), y.to(torch.float32), reduction="sum") / numel_global
-            total += float(loss.item())
-            (loss * _LOSS_SCALE).backward()
-        return total
-
     best_iter, best_loss = 0, math.inf
     best = None
-    with torch.enable_grad():
-        for i in range(settings.iters):
-            indices = sampler.next_batch()
-            if compile_pending:
-                try:
-                    total = run_iteration(fwd, indices)
-                except Exception as exc:
-                    warnings.warn(f"torch.compile'd forward failed ({type(exc).__name__}: {exc}); "
-                                  "tuning in eager mode", RuntimeWarning, stacklevel=3)
-                    for p in tuned:
-                        p.grad = None
-                    fwd = forward
-                    total = run_iteration(fwd, indices)
-                compile_pending = False
-            else:
-                total = run_iteration(fwd, indices)
-            losses.append(total)
-            if total < best_loss:  # strict, as AutoRound: ties keep the earlier iteration
-                best_loss, best_iter = total, i
-                best = {name: w.snapshot() for name, w in wrappers.items()}
-            if progress is not None:
-                progress(i, total)
-            optimizer.step()
-            for p in tuned:
-                p.grad = None
-            schedule.step()
+
+    def consider(i: int, total: float) -> None:
+        """Snapshot the parameters of iteration `i` (still unstepped) if its loss is the best so far."""
+        nonlocal best_iter, best_loss, best
+        if total < best_loss:  # strict, as AutoRound: ties keep the earlier iteration
+            best_loss, best_iter = total, i
+            best = None  # the old snapshot goes before the new one is made
+            best = _snapshot(wrappers, settings.keep_params)
+
+    def micro_batch_loss(fn, mb: torch.Tensor) -> torch.Tensor:
+        x = inputs.read(mb)
+        y = targets.read(mb)
+        with amp():
+            out = fn(block, x)
+        y = y.to(out.device)
+        if out.shape != y.shape:
+            raise ValueError(f"forward returned shape {tuple(out.shape)}, targets have {tuple(y.shape)}")
+        return F.mse_loss(out.to(torch.float32), y.to(torch.float32), reduction="sum") / numel_global
+
+    def run_iteration(fn, i: int, indices: torch.Tensor) -> float:
+        for w in wrappers.values():
+            w.clamp_scales_()
+        if micro_batches == 1:
+            # one micro-batch: the loss is known before the backward pass, so the snapshot is taken first and
+            # each parameter takes its sign step as soon as its gradient is complete (hooks below): no
+            # gradient of the whole block is ever held
+            loss = micro_batch_loss(fn, indices)
+            total = float(loss.item())
+            consider(i, total)
+            (loss * _LOSS_SCALE).backward()
+            optimizer.step()  # a no-op (every gradient is already consumed); keeps the lr schedule's bookkeeping
+            return total
+        total = 0.0
+        for b in range(0, global_batch, batch_size):
+            loss = micro_batch_loss(fn, indices[b : b + batch_size])
+            total += float(loss.item())
+            (loss * _LOSS_SCALE).backward()
+        consider(i, total)
+        optimizer.step()
+        for p in tuned:
+            p.grad = None
+        return total
+
+    hooks = []
+    if micro_batches == 1:
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                hooks.append(p.register_post_accumulate_grad_hook(_sign_step_hook(group)))
+    try:
+        with torch.enable_grad():
+            for i in range(settings.iters):
+                indices = sampler.next_batch()
+                if compile_pending:
+                    try:
+                        total = run_iteration(fwd, i, indices)
+                    except Exception as exc:
+                        warnings.warn(f"torch.compile'd forward failed ({type(exc).__name__}: {exc}); "
+                                      "tuning in eager mode", RuntimeWarning, stacklevel=3)
+                        for p in tuned:
+                            p.grad = None
+                        fwd = forward
+                        total = run_iteration(fwd, i, indices)
+                    compile_pending = False
+                else:
+                    total = run_iteration(fwd, i, indices)
+                losses.append(total)
+                if progress is not None:
+                    progress(i, total)
+                schedule.step()
+    finally:
+        for h in hooks:
+            h.remove()
     if best is None:  # every loss was NaN/inf: keep RTN (iteration 0's parameters are v=0, scales=1)
         best_iter, best_loss = 0, losses[0]
-        best = {name: _initial_params(w) for name, w in wrappers.items()}
+        best = {name: _Snapshot(quantize(w.linear.weight, w.scheme),
+                                _initial_params(w) if settings.keep_params else None)
+                for name, w in wrappers.items()}
     return best_iter, best_loss, best
+
+
+def _sign_step_hook(group: dict):
+    """``p -= lr * sign(grad)`` the moment ``p``'s gradient is complete, then the gradient is dropped."""
+
+    @torch.no_grad()
+    def hook(p: torch.Tensor) -> None:
+        p.add_(torch.sign(p.grad), alpha=-group["lr"])
+        p.grad = None
+
+    return hook
 
 
 def _initial_params(w: _TunedLinear) -> dict[str, torch.Tensor | None]:

@@ -238,8 +238,10 @@ class QuantizeStage(Stage):
             with session.block(index) as (name, block):
                 target = chains.new("target", x_fp)
                 forward_rows(session.adapter, block, x_fp, shared, target)
+                release_freed_memory()  # each step's temporaries go back before the next, larger one
                 weights, tuning = self._quantize_block(ctx, block, name, plan_by_block[name], x_q, target, shared,
                                                        settings, generator, bar)
+                release_freed_memory()
                 out_q = chains.new("output", x_q)
                 with fake_quantized(block, name, weights):
                     forward_rows(session.adapter, block, x_q, shared, out_q)
@@ -302,6 +304,7 @@ class QuantizeStage(Stage):
         rel = {p.name: p.name[len(block_name) + 1:] for p in plans}
         rtn = {p.name: quantize_rtn(get_module(block, rel[p.name]).weight.detach().float(), layer_scheme(p))
                for p in plans}
+        release_freed_memory()
         if settings.iters > 0:
             def forward(b: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
                 return adapter.run_block(b, x, shared)
