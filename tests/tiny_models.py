@@ -46,3 +46,120 @@ def make_tiny_llama(path: Path, layers: int = 3, hidden: int = 64, intermediate:
     model.to(dtype).save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
     return path
+
+
+GEMMA4_KINDS = ("dense", "ple_kv", "moe")
+
+
+def gemma4_text_config(kind: str = "dense", layers: int = 4, hidden: int = 64, vocab: int = 512, **extra):
+    """A tiny Gemma4TextConfig of one of the three kinds of Gemma 4 text stack.
+
+    dense: sliding-window and full-attention layers (own head sizes, rotary tables, masks);
+    ple_kv: per-layer inputs (hidden_size_per_layer_input > 0) and KV sharing (the last 2 layers reuse the
+            keys/values of the last non-shared layer of their type);
+    moe: a router and fused 3-D experts next to the dense MLP (and keys used as values on full layers).
+    """
+    import transformers
+
+    if kind not in GEMMA4_KINDS:
+        raise ValueError(f"kind must be one of {GEMMA4_KINDS}")
+    if kind == "ple_kv" and layers < 4:
+        raise ValueError("ple_kv needs at least 4 layers (2 of each type before the 2 shared ones)")
+    types = ["sliding_attention", "full_attention"] * (layers // 2) + ["full_attention"] * (layers % 2)
+    config = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4, global_head_dim=hidden // 2,
+                  sliding_window=16, max_position_embeddings=1024, layer_types=types,
+                  hidden_size_per_layer_input=0, vocab_size_per_layer_input=vocab, final_logit_softcapping=30.0,
+                  pad_token_id=0, bos_token_id=0, eos_token_id=0)
+    if kind == "ple_kv":
+        config.update(hidden_size_per_layer_input=32, num_kv_shared_layers=2)
+    if kind == "moe":
+        config.update(enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=hidden,
+                      attention_k_eq_v=True, num_global_key_value_heads=1)
+    config.update(extra)
+    return transformers.Gemma4TextConfig(**config)
+
+
+def make_tiny_gemma4(path: Path, kind: str = "dense", layers: int = 4, hidden: int = 64, multimodal: bool = False,
+                     seed: int = 0, dtype: torch.dtype = torch.bfloat16, **extra) -> Path:
+    """A random-weight Gemma 4 saved with save_pretrained: Gemma4ForCausalLM, or with `multimodal`
+    Gemma4ForConditionalGeneration with a one-layer vision tower."""
+    import transformers
+
+    tokenizer = tiny_tokenizer()
+    text = gemma4_text_config(kind, layers, hidden, **extra)
+    text.bos_token_id = text.eos_token_id = text.pad_token_id = tokenizer.eos_token_id
+    if multimodal:
+        vision = transformers.Gemma4VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                 num_attention_heads=2, num_key_value_heads=2, head_dim=16,
+                                                 patch_size=4, pooling_kernel_size=2, position_embedding_size=64)
+        v = text.vocab_size
+        config = transformers.Gemma4Config(text_config=text, vision_config=vision, audio_config=None,
+                                           image_token_id=v - 7, video_token_id=v - 6, audio_token_id=v - 5,
+                                           boi_token_id=v - 4, eoi_token_id=v - 3, boa_token_id=v - 2,
+                                           eoa_token_index=v - 1)
+        model_cls = transformers.Gemma4ForConditionalGeneration
+    else:
+        config, model_cls = text, transformers.Gemma4ForCausalLM
+    torch.manual_seed(seed)
+    model = model_cls(config)
+    with torch.no_grad():  # larger-than-default weights so quantization error is visible
+        for name, p in model.named_parameters():
+            if p.dim() >= 2 and "embed" not in name:
+                p.normal_(0, 0.08)
+    model.to(dtype).save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+VLM_KINDS = ("qwen2_5_vl", "llava", "gemma3")
+
+
+def make_tiny_vlm(path: Path, kind: str = "qwen2_5_vl", layers: int = 2, hidden: int = 64, seed: int = 0,
+                  dtype: torch.dtype = torch.bfloat16) -> Path:
+    """A random-weight vision-language model (`...ForConditionalGeneration`) with a one-layer vision tower,
+    saved with save_pretrained (transformers writes the checkpoints' own, legacy tensor names), plus a
+    tokenizer with a chat template and the image processor's config."""
+    import transformers
+
+    tokenizer = tiny_tokenizer()
+    tokenizer.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    v = 512
+    text = dict(vocab_size=v, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                num_attention_heads=4, num_key_value_heads=2, bos_token_id=tokenizer.eos_token_id,
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id)
+    if kind == "qwen2_5_vl":
+        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
+        config = transformers.Qwen2_5_VLConfig(
+            text_config=text, vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2,
+                                                 out_hidden_size=hidden, fullatt_block_indexes=[0], window_size=112),
+            image_token_id=v - 1, video_token_id=v - 2, vision_start_token_id=v - 3, vision_end_token_id=v - 4)
+        processor = transformers.Qwen2VLImageProcessorPil()
+    elif kind == "llava":
+        vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                               num_attention_heads=2, image_size=28, patch_size=14)
+        config = transformers.LlavaConfig(text_config=transformers.LlamaConfig(**text), vision_config=vision,
+                                          image_token_index=v - 1, image_seq_length=4)
+        processor = transformers.CLIPImageProcessorPil(size={"shortest_edge": 28},
+                                                       crop_size={"height": 28, "width": 28})
+    elif kind == "gemma3":
+        vision = transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                 num_attention_heads=2, image_size=28, patch_size=14)
+        gemma_text = transformers.Gemma3TextConfig(**text, head_dim=16, query_pre_attn_scalar=16, sliding_window=16,
+                                                   layer_types=["sliding_attention", "full_attention"] * (layers // 2)
+                                                   + ["full_attention"] * (layers % 2))
+        config = transformers.Gemma3Config(text_config=gemma_text, vision_config=vision, mm_tokens_per_image=4,
+                                           image_token_index=v - 1, boi_token_index=v - 2, eoi_token_index=v - 3)
+        processor = transformers.Gemma3ImageProcessorPil(size={"height": 28, "width": 28})
+    else:
+        raise ValueError(f"kind must be one of {VLM_KINDS}")
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForImageTextToText.from_config(config)
+    with torch.no_grad():  # larger-than-default weights so quantization error is visible
+        for name, p in model.named_parameters():
+            if p.dim() >= 2 and "embed" not in name:
+                p.normal_(0, 0.08)
+    model.to(dtype).save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Iterator, Sequence, Tuple, Union
+from typing import Dict, Iterator, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -192,6 +192,24 @@ class ActivationFile:
 
 
 Rows = Union[TensorRows, ActivationFile]
+
+
+class BlockRows:
+    """One block's per-sample inputs read together: ``hidden_states`` plus named side rows (per-layer inputs,
+    keys/values shared from an earlier block). ``read`` returns a dict of mini-batch tensors by name."""
+
+    def __init__(self, hidden: Rows, side: Optional[Dict[str, Rows]] = None, hidden_name: str = "hidden_states"
+                 ) -> None:
+        self.hidden, self.side, self.hidden_name = hidden, dict(side or {}), hidden_name
+        for name, rows in self.side.items():
+            if len(rows) != len(hidden):
+                raise ValueError(f"side rows {name!r} hold {len(rows)} samples, hidden states {len(hidden)}")
+
+    def __len__(self) -> int:
+        return len(self.hidden)
+
+    def read(self, indices: Indices) -> Dict[str, torch.Tensor]:
+        return {self.hidden_name: self.hidden.read(indices), **{k: r.read(indices) for k, r in self.side.items()}}
 
 
 def batches(n: int, size: int) -> Iterator[range]:

@@ -1,6 +1,7 @@
 """The family adapter interface: everything qrunner needs to know about one kind of architecture."""
 from __future__ import annotations
 
+import inspect
 import re
 from dataclasses import dataclass
 from typing import Any, ClassVar, Dict, List, Optional, Sequence, Tuple
@@ -38,6 +39,8 @@ class FamilyAdapter:
     model_types: ClassVar[Tuple[str, ...]]
     # candidate module-list paths holding the decoder blocks, tried in order
     block_list_candidates: ClassVar[Tuple[str, ...]]
+    # linears inside a block the family keeps in full precision (name suffixes, e.g. a MoE router)
+    kept_linears: ClassVar[Tuple[str, ...]] = ()
 
     # ---- architecture checks -------------------------------------------------------------
     def check_config(self, config: Any, model_path: str) -> None:
@@ -107,7 +110,9 @@ class FamilyAdapter:
                         if "group_size" in override:
                             source = f"quant.layer_overrides[{rx.pattern!r}]"
                         break
-                if any(p.search(full) for p in patterns):
+                if rel.endswith(self.kept_linears):
+                    plans.append(LayerPlan(full, fin, fout, False, f"{self.name} keeps it in full precision"))
+                elif any(p.search(full) for p in patterns):
                     plans.append(LayerPlan(full, fin, fout, False, "matches quant.ignore_layers"))
                 elif spec["bits"] >= 16:
                     plans.append(LayerPlan(full, fin, fout, False, "bits=16 in quant.layer_overrides"))
@@ -126,54 +131,109 @@ class FamilyAdapter:
         return plans
 
     # ---- what streaming modes read besides the blocks --------------------------------------
-    # modules after the blocks that turn the last block's output into logits, applied in this order
+    # modules after the blocks that turn the last block's output into logits, applied in this order (those the
+    # model has: candidates for several model classes may be listed)
     head_modules: ClassVar[Tuple[str, ...]] = ()
+    # modules a text-only forward never calls (vision and audio towers): never read from the shards
+    unused_modules: ClassVar[Tuple[str, ...]] = ()
+
+    def heads(self, model: nn.Module) -> List[str]:
+        return [p for p in self.head_modules if _get(model, p) is not None]
 
     def input_tensor_names(self, model: nn.Module, block_lists: Sequence[str]) -> List[str]:
-        """Tensors the forward pass needs up to the first block: everything but the blocks and the head."""
-        skip = tuple(f"{p}." for p in (*block_lists, *self.head_modules))
+        """Tensors the forward pass needs up to the first block: everything but the blocks, the head and the
+        modules a text-only forward does not use."""
+        skip = tuple(f"{p}." for p in (*block_lists, *self.heads(model), *self.unused_modules))
         return [n for n in module_tensor_names(model) if not n.startswith(skip)]
 
     def head_tensor_names(self, model: nn.Module) -> List[str]:
-        return [f"{p}.{n}" for p in self.head_modules for n in module_tensor_names(model.get_submodule(p))]
+        return [f"{p}.{n}" for p in self.heads(model) for n in module_tensor_names(model.get_submodule(p))]
 
     def logits(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         """Logits from the last block's output (the head modules applied in order)."""
-        for prefix in self.head_modules:
+        for prefix in self.heads(model):
             hidden = model.get_submodule(prefix)(hidden)
         return hidden
 
-    # ---- calibration ---------------------------------------------------------------------
-    def capture_first_block_inputs(self, model: nn.Module, first_block: nn.Module, input_ids: torch.Tensor
-                                   ) -> Tuple[torch.Tensor, Dict[str, Any]]:
-        """Run the model on one sample until the first block; return (hidden_states, other kwargs)."""
-        captured: Dict[str, Any] = {}
+    # ---- block inputs ----------------------------------------------------------------------
+    # block inputs that differ per sample besides hidden_states (stored as row files, one per block and name)
+    per_sample_inputs: ClassVar[Tuple[str, ...]] = ()
+    # block kwargs that are per-call state rather than inputs (caches); never stored
+    dropped_block_kwargs: ClassVar[Tuple[str, ...]] = ("past_key_values", "past_key_value", "use_cache", "cache",
+                                                       "output_attentions", "output_router_logits")
+    # what a block returns: the hidden states alone, or a tuple starting with them (the recorder mimics it)
+    block_returns_tuple: ClassVar[bool] = False
 
-        def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-            kwargs = dict(kwargs)
-            hidden = args[0] if args else kwargs.pop("hidden_states")
-            captured["hidden"] = hidden.detach()
-            captured["kwargs"] = {k: v for k, v in kwargs.items() if k not in self.dropped_block_kwargs}
-            raise StopForward
+    def text_config(self, config: Any) -> Any:
+        """The config of the decoder stack (the text config of a multimodal model)."""
+        return getattr(config, "text_config", None) or config
 
-        handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
+    def capture_block_inputs(self, model: nn.Module, blocks: Sequence[nn.Module], input_ids: torch.Tensor
+                             ) -> Tuple[torch.Tensor, List[Dict[str, Any]]]:
+        """Run the model on one sample with every block replaced by a recorder that hands its hidden states on
+        unchanged. Returns block 0's hidden states and, for every block, the other inputs the model gives it, by
+        parameter name (positional arguments included). No block weight is touched, so the blocks may be on the
+        meta device; the forward stops after the last block."""
+        records: List[Dict[str, Any]] = []
+        first: Dict[str, torch.Tensor] = {}
+
+        def recorder(index: int, block: nn.Module):
+            signature = inspect.signature(type(block).forward)
+
+            def forward(*args: Any, **kwargs: Any) -> Any:
+                bound = signature.bind(block, *args, **kwargs)
+                values = dict(bound.arguments)
+                values.pop(next(iter(signature.parameters)))  # self
+                for name, param in signature.parameters.items():
+                    if param.kind is inspect.Parameter.VAR_KEYWORD:
+                        values.update(values.pop(name, {}) or {})
+                    elif param.kind is inspect.Parameter.VAR_POSITIONAL and values.get(name):
+                        raise RuntimeError(f"{type(block).__name__} takes extra positional inputs; "
+                                           "its family adapter must name them")
+                    elif param.kind is inspect.Parameter.VAR_POSITIONAL:
+                        values.pop(name, None)
+                hidden_name = list(signature.parameters)[1]
+                hidden = values.pop(hidden_name)
+                if index == 0:
+                    first["hidden"] = hidden.detach()
+                records.append({k: v for k, v in values.items() if k not in self.dropped_block_kwargs})
+                if index == len(blocks) - 1:
+                    raise StopForward
+                return (hidden,) if self.block_returns_tuple else hidden
+
+            return forward
+
+        for i, block in enumerate(blocks):
+            block.forward = recorder(i, block)
         try:
             with torch.no_grad():
                 model(input_ids=input_ids, use_cache=False)
         except StopForward:
             pass
         finally:
-            handle.remove()
-        if "hidden" not in captured:
-            raise RuntimeError(f"the forward pass of {type(model).__name__} never reached its first block")
-        return captured["hidden"], captured["kwargs"]
+            for block in blocks:
+                del block.forward
+        if len(records) != len(blocks):
+            raise RuntimeError(f"the forward pass of {type(model).__name__} reached {len(records)} of its "
+                               f"{len(blocks)} blocks")
+        return first["hidden"], records
 
-    # block kwargs that are per-call state rather than inputs (caches); never stored
-    dropped_block_kwargs: ClassVar[Tuple[str, ...]] = ("past_key_values", "past_key_value", "use_cache")
+    def side_io(self, config: Any, index: int) -> Tuple[Dict[str, str], Dict[str, str]]:
+        """Per-sample values a block hands to later blocks other than its output (e.g. shared keys/values):
+        ``(reads, writes)``, each mapping the adapter's local name to the name of the rows that carry it."""
+        return {}, {}
 
-    def run_block(self, block: nn.Module, hidden: torch.Tensor, shared: Dict[str, Any]) -> torch.Tensor:
-        out = block(hidden, **shared)
-        return out[0] if isinstance(out, (tuple, list)) else out
+    def run_block(self, block: nn.Module, inputs: Dict[str, torch.Tensor], shared: Dict[str, Any],
+                  writes: Sequence[str] = ()) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """Run `block` on a mini-batch: `inputs` holds ``hidden_states`` plus the per-sample inputs by name,
+        `shared` the inputs every sample shares. Returns the output hidden states and the side values named
+        in `writes`."""
+        kwargs = {**shared, **{k: v for k, v in inputs.items() if k != HIDDEN}}
+        out = block(inputs[HIDDEN], **kwargs)
+        return (out[0] if isinstance(out, (tuple, list)) else out), {}
+
+
+HIDDEN = "hidden_states"
 
 
 def _get(root: nn.Module, dotted: str) -> Optional[nn.Module]:

@@ -4,14 +4,14 @@ from __future__ import annotations
 from typing import Dict, List, Optional
 
 from qrunner.models.adapter import FamilyAdapter
+from qrunner.models.gemma4 import Gemma4Adapter
 from qrunner.models.llm import LlmAdapter
 
-_FAMILIES: Dict[str, FamilyAdapter] = {a.name: a for a in (LlmAdapter(),)}
+_FAMILIES: Dict[str, FamilyAdapter] = {a.name: a for a in (LlmAdapter(), Gemma4Adapter())}
 
 # model types that belong to families not built yet, so an error can point the user the right way
 _OTHER_FAMILIES = {
     "qwen2_vl": "vlm", "qwen2_5_vl": "vlm", "qwen3_vl": "vlm", "llava": "vlm", "gemma3": "vlm",
-    "gemma4": "gemma4", "gemma4_text": "gemma4",
 }
 
 

@@ -269,7 +269,8 @@ def tune_block(
         block: the block; left exactly as it came in (same modules, weights, requires_grad).
         layers: linear name relative to ``block`` (e.g. ``"mlp.down_proj"``) -> its scheme.
         inputs: ``[n, ...]`` block inputs, one row per calibration sample: a tensor, or any object with
-            ``len()`` and ``read(indices) -> tensor`` (rows kept on disk and read per mini-batch).
+            ``len()`` and ``read(indices)`` (rows kept on disk and read per mini-batch) returning what
+            ``forward`` takes: a tensor, or a dict of tensors (hidden states plus other per-sample inputs).
         targets: ``[n, ...]`` the original (unquantized) chain's block outputs for those samples (same kinds).
         forward: ``forward(block, x_batch) -> output`` on a mini-batch (shared kwargs such as
             rotary embeddings are closed over by the caller).
@@ -384,7 +385,8 @@ def _optimize(wrappers, block, inputs, targets, forward, settings, generator, pr
     per_sample = int(targets.read([0]).numel())
     numel_global = float(global_batch * per_sample)
     if settings.amp_bf16:
-        amp = lambda: torch.autocast(device_type=inputs.read([0]).device.type, dtype=torch.bfloat16)  # noqa: E731
+        device = _device_of(inputs.read([0]))
+        amp = lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)  # noqa: E731
     else:
         amp = contextlib.nullcontext
 
@@ -479,6 +481,13 @@ def _optimize(wrappers, block, inputs, targets, forward, settings, generator, pr
                                 _initial_params(w) if settings.keep_params else None)
                 for name, w in wrappers.items()}
     return best_iter, best_loss, best
+
+
+def _device_of(batch: torch.Tensor | dict) -> torch.device:
+    """The device of a mini-batch: a tensor, or a dict of tensors (a block's inputs by name)."""
+    if isinstance(batch, dict):
+        return next(v for v in batch.values() if isinstance(v, torch.Tensor)).device
+    return batch.device
 
 
 def _sign_step_hook(group: dict):

@@ -1,6 +1,7 @@
 """evaluate: perplexity of the original and of the quantized model on held-out text."""
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Dict
 
@@ -9,11 +10,12 @@ from tqdm import tqdm
 
 from qrunner.data_sources import concatenated_windows, read_documents, tokenize_documents
 from qrunner.errors import UserError
-from qrunner.memory.activations import batches
+from qrunner.memory.activations import BlockRows, batches
 from qrunner.models.adapter import get_module
 from qrunner.pipeline.stage import Stage, StageContext, register_stage
 from qrunner.stages.capture import capture_block_inputs
-from qrunner.stages.quantize import ChainRows, QuantizedLayers, fake_quantized, forward_rows, quantized_layers
+from qrunner.stages.quantize import (ChainRows, QuantizedLayers, block_inputs, fake_quantized, forward_rows,
+                                     quantized_layers)
 
 
 def perplexity(model: torch.nn.Module, windows: torch.Tensor, batch_size: int, desc: str, show: bool) -> float:
@@ -92,21 +94,24 @@ def streamed_perplexities(ctx: StageContext, windows: torch.Tensor, layers: Quan
     adapter = session.adapter
     chains = ChainRows(ctx.out / "scratch", session.activations_on_disk)
     with session.input_model() as model:
-        first = chains.scratch / "inputs"
-        hidden, shared = capture_block_inputs(adapter, model, session.blocks(model)[0][1], windows, first,
-                                              "eval inputs", show)
-    hidden = chains.open(first)
+        hidden, per_block, captured = capture_block_inputs(adapter, model, session.blocks(model), windows,
+                                                           chains.scratch, "eval inputs", show)
+    hidden = chains.wrap(hidden)
     x = {"quantized": hidden, **({"original": hidden} if original else {})}
+    side = {chain: dict(captured) for chain in x}
     for index in tqdm(range(len(session.block_names())), desc="eval blocks", unit="block", disable=not show):
+        shared, reads = block_inputs(session, per_block, index)
+        writes = adapter.side_io(session.hf_config, index)[1]
         with session.block(index) as (name, block):
             y = {}
             for chain, rows in x.items():
                 y[chain] = chains.new(f"{chain}_{index}", rows)
-                if chain == "quantized":
-                    with fake_quantized(block, name, layers.in_block(name)):
-                        forward_rows(adapter, block, rows, shared, y[chain])
-                else:
-                    forward_rows(adapter, block, rows, shared, y[chain])
+                src = BlockRows(rows, {k: chains.wrap(side[chain][g]) for k, g in reads.items()})
+                new = lambda n, *a, c=chain: chains.new_shaped(f"{c}_{n}", *a)  # noqa: E731
+                context = (fake_quantized(block, name, layers.in_block(name)) if chain == "quantized"
+                           else contextlib.nullcontext())
+                with context:
+                    side[chain].update(forward_rows(adapter, block, src, shared, y[chain], writes, new))
         for rows in x.values():
             chains.drop(rows)
         x = y

@@ -14,19 +14,19 @@ import time
 from collections.abc import Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from qrunner.memory.activations import ActivationFile, Rows, TensorRows, batches, to_ram
+from qrunner.memory.activations import ActivationFile, BlockRows, Rows, TensorRows, batches, to_ram
 from qrunner.memory.monitor import current_rss_mb
 from qrunner.memory.trim import release_freed_memory
 from qrunner.pipeline.atomic import remove_tree
 from qrunner.models.adapter import LayerPlan, get_module
-from qrunner.models.block_io import load_block_kwargs
+from qrunner.models.block_io import load_block_inputs, split_inputs
 from qrunner.pipeline.faults import fault_point
 from qrunner.pipeline.stage import Stage, StageContext, register_stage
 from qrunner.pipeline.status import report_status
@@ -34,12 +34,15 @@ from qrunner.quant.autoround import TuneSettings, tune_block
 from qrunner.quant.opt_rtn import ImportanceCollector, quantize_weighted_rtn
 from qrunner.quant.rtn import QuantizedWeight, quantize_rtn
 from qrunner.quant.scheme import QuantScheme
-from qrunner.stages.capture import HIDDEN
+from qrunner.stages.capture import open_side_rows
+from qrunner.models.adapter import HIDDEN
 
 QUANTIZED = "quantized.safetensors"
 # the next block's inputs, committed with each block as row files (.bin + .json)
 QCHAIN, FPCHAIN = "quantized_chain", "original_chain"
 SCRATCH = "scratch"  # activations of the block in progress (memory=low), inside the stage's partial folder
+# side values a block hands to later blocks (shared keys/values), committed with it per chain, kept to the end
+SIDE_Q, SIDE_FP = "side_quantized", "side_original"
 BATCH = 8
 
 
@@ -119,11 +122,23 @@ def quantized_layers(quantize_stage_dir: Path) -> QuantizedLayers:
     return QuantizedLayers(quantize_stage_dir)
 
 
-def forward_rows(adapter: Any, block: torch.nn.Module, src: Rows, shared: Dict[str, Any], dst: Rows) -> None:
-    """dst[i] = block(src[i]) for every row, BATCH rows at a time."""
+def forward_rows(adapter: Any, block: torch.nn.Module, src: BlockRows, shared: Dict[str, Any], dst: Rows,
+                 writes: Optional[Dict[str, str]] = None, new_rows: Optional[Callable[..., Rows]] = None
+                 ) -> Dict[str, Rows]:
+    """dst[i] = block(src[i]) for every row, BATCH rows at a time. The side values the block hands to later blocks
+    (`writes`: local name -> rows name) go to rows made by `new_rows(rows name, n, row_shape, dtype)`."""
+    writes = writes or {}
+    side: Dict[str, Rows] = {}
     with torch.no_grad():
         for r in batches(len(src), BATCH):
-            dst.write(r.start, adapter.run_block(block, src.read(r), shared))
+            out, values = adapter.run_block(block, src.read(r), shared, tuple(writes))
+            dst.write(r.start, out)
+            for local, name in writes.items():
+                value = values[local]
+                if name not in side:
+                    side[name] = new_rows(name, len(src), tuple(value.shape[1:]), value.dtype)
+                side[name].write(r.start, value)
+    return side
 
 
 def mse_rows(a: Rows, b: Rows) -> float:
@@ -164,8 +179,17 @@ class ChainRows:
             return ActivationFile.create(self.scratch / name, len(like), like.row_shape, like.dtype)
         return TensorRows.empty(len(like), like.row_shape, like.dtype)
 
+    def new_shaped(self, name: str, n: int, row_shape: Tuple[int, ...], dtype: torch.dtype) -> Rows:
+        if self.on_disk:
+            return ActivationFile.create(self.scratch / name, n, row_shape, dtype)
+        return TensorRows.empty(n, row_shape, dtype)
+
     def open(self, path: Path) -> Rows:
         rows = ActivationFile.open(path)
+        return rows if self.on_disk else to_ram(rows)
+
+    def wrap(self, rows: Rows) -> Rows:
+        """Rows as this mode reads them: from their file (low) or from RAM (read whole if on disk)."""
         return rows if self.on_disk else to_ram(rows)
 
     def drop(self, rows: Rows) -> None:
@@ -207,7 +231,7 @@ class QuantizeStage(Stage):
         session, cfg = ctx.session, ctx.cfg
         names = session.block_names()
         plan_by_block = _plan_by_block(session.layer_plan, names)
-        shared = load_block_kwargs(ctx.inputs["capture"], session.compute_dtype)
+        per_block = load_block_inputs(ctx.inputs["capture"], session.compute_dtype)
         settings = tune_settings(cfg)
         chains = ChainRows(ctx.out / SCRATCH, session.activations_on_disk)
 
@@ -227,6 +251,13 @@ class QuantizeStage(Stage):
             ctx.log.info("quantize: resuming at block %d/%d (%d block(s) already committed)", start + 1,
                          len(names), start)
         x_q, x_fp = self._chains(ctx, chains, start)
+        # per-sample side inputs by rows name, as files: captured ones, then those committed blocks handed on
+        captured = open_side_rows(ctx.inputs["capture"])
+        side_q, side_fp = dict(captured), dict(captured)
+        for i in range(start):
+            unit = ctx.units.path(unit_key(i))
+            side_q.update(open_side_rows(unit, SIDE_Q))
+            side_fp.update(open_side_rows(unit, SIDE_FP))
 
         bar = tqdm(range(start, len(names)), desc="quantize", unit="block", initial=start, total=len(names),
                    disable=not cfg.run.show_progress)
@@ -235,34 +266,46 @@ class QuantizeStage(Stage):
             report_status(block=index, blocks=len(names))
             torch.manual_seed(block_seed(cfg.quant.seed, index))
             generator = torch.Generator().manual_seed(block_seed(cfg.quant.seed, index))
+            shared, reads = block_inputs(session, per_block, index)
+            writes = session.adapter.side_io(session.hf_config, index)[1]
+            src_fp = BlockRows(x_fp, {k: chains.wrap(side_fp[g]) for k, g in reads.items()})
+            src_q = BlockRows(x_q, {k: chains.wrap(side_q[g]) for k, g in reads.items()})
             with session.block(index) as (name, block):
                 target = chains.new("target", x_fp)
-                forward_rows(session.adapter, block, x_fp, shared, target)
+                target_side = forward_rows(session.adapter, block, src_fp, shared, target, writes,
+                                           lambda n, *a: chains.new_shaped(f"target_{n}", *a))
                 release_freed_memory()  # each step's temporaries go back before the next, larger one
-                weights, tuning = self._quantize_block(ctx, block, name, plan_by_block[name], x_q, target, shared,
+                weights, tuning = self._quantize_block(ctx, block, name, plan_by_block[name], src_q, target, shared,
                                                        settings, generator, bar)
                 release_freed_memory()
                 out_q = chains.new("output", x_q)
                 with fake_quantized(block, name, weights):
-                    forward_rows(session.adapter, block, x_q, shared, out_q)
+                    out_side = forward_rows(session.adapter, block, src_q, shared, out_q, writes,
+                                            lambda n, *a: chains.new_shaped(f"output_{n}", *a))
                 loss = mse_rows(out_q, target)
                 rtn_weights = tuning.pop("rtn_weights")
                 loss_rtn = loss
                 if rtn_weights is not None:
                     out_rtn = chains.new("output_rtn", x_q)
                     with fake_quantized(block, name, rtn_weights):
-                        forward_rows(session.adapter, block, x_q, shared, out_rtn)
+                        forward_rows(session.adapter, block, src_q, shared, out_rtn)
                     loss_rtn = mse_rows(out_rtn, target)
                     chains.drop(out_rtn)
                     del out_rtn, rtn_weights
-            next_q = out_q if cfg.quant.quantized_inputs else target
+            next_q, next_q_side = (out_q, out_side) if cfg.quant.quantized_inputs else (target, target_side)
 
             def write(tmp: Path) -> Dict[str, Any]:
                 save_quantized(weights, tmp / QUANTIZED)
                 _publish_rows(target, tmp / FPCHAIN, keep_original=next_q is target)
                 _publish_rows(next_q, tmp / QCHAIN)
+                for folder, rows_by_name, keep in ((SIDE_FP, target_side, next_q is target),
+                                                   (SIDE_Q, next_q_side, False)):
+                    if rows_by_name:
+                        (tmp / folder).mkdir()
+                    for rows_name, rows in rows_by_name.items():
+                        _publish_rows(rows, tmp / folder / rows_name, keep_original=keep)
                 return {"block": name, "index": index, "layers": sorted(weights), "loss": loss,
-                        "loss_rtn": loss_rtn, **tuning}
+                        "loss_rtn": loss_rtn, "side_outputs": sorted(writes.values()), **tuning}
 
             ctx.units.commit(unit_key(index), write)
             ctx.log.info("quantize: block %d/%d %s committed: %d layers, loss %.3e (RTN %.3e), %.1fs, RSS %.0f MB",
@@ -271,16 +314,21 @@ class QuantizeStage(Stage):
             fault_point("quantize.block_committed")
             if index > 0:  # the previous block's outputs are no longer needed to resume
                 _drop_next_inputs(ctx.units.path(unit_key(index - 1)))
+            unit = ctx.units.path(unit_key(index))
+            side_q.update(open_side_rows(unit, SIDE_Q))
+            side_fp.update(open_side_rows(unit, SIDE_FP))
             if session.activations_on_disk:
-                unit = ctx.units.path(unit_key(index))
                 x_q, x_fp = ActivationFile.open(unit / QCHAIN), ActivationFile.open(unit / FPCHAIN)
             else:
                 x_q, x_fp = next_q, target
-            del out_q, target, next_q
+            del out_q, target, next_q, out_side, target_side, next_q_side, src_q, src_fp
             release_freed_memory()
             bar.set_postfix(loss=f"{loss:.2e}", rss=f"{current_rss_mb():.0f}MB")
         bar.close()
         _drop_next_inputs(ctx.units.path(unit_key(len(names) - 1)))
+        for i in range(len(names)):  # side values were kept for the blocks after them: all done now
+            for folder in (SIDE_Q, SIDE_FP):
+                remove_tree(ctx.units.path(unit_key(i)) / folder)
         chains.close()
 
         infos = [ctx.units.info(unit_key(i)) for i in range(len(names))]
@@ -298,7 +346,7 @@ class QuantizeStage(Stage):
         return chains.open(unit / QCHAIN), chains.open(unit / FPCHAIN)
 
     def _quantize_block(self, ctx: StageContext, block: torch.nn.Module, block_name: str, plans: List[LayerPlan],
-                        x_q: Rows, target: Rows, shared: Dict[str, Any], settings: TuneSettings,
+                        x_q: BlockRows, target: Rows, shared: Dict[str, Any], settings: TuneSettings,
                         generator: torch.Generator, bar: Any) -> Tuple[Dict[str, QuantizedWeight], Dict[str, Any]]:
         cfg, adapter = ctx.cfg, ctx.session.adapter
         rel = {p.name: p.name[len(block_name) + 1:] for p in plans}
@@ -306,8 +354,8 @@ class QuantizeStage(Stage):
                for p in plans}
         release_freed_memory()
         if settings.iters > 0:
-            def forward(b: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-                return adapter.run_block(b, x, shared)
+            def forward(b: torch.nn.Module, x: Dict[str, torch.Tensor]) -> torch.Tensor:
+                return adapter.run_block(b, x, shared)[0]
 
             def progress(step: int, loss: float) -> None:
                 fault_point("quantize.tuning")
@@ -344,6 +392,14 @@ class QuantizeStage(Stage):
                        for (n, m), p in zip(modules.items(), plans)}
             return weights, {"rtn_weights": rtn}
         return rtn, {"rtn_weights": None}
+
+
+def block_inputs(session: Any, per_block: List[Dict[str, Any]], index: int) -> Tuple[Dict[str, Any], Dict[str, str]]:
+    """Block `index`'s shared inputs and its per-sample inputs (local name -> rows name): those captured for
+    it and the side values earlier blocks hand to it."""
+    shared, reads = split_inputs(per_block[index])
+    reads.update(session.adapter.side_io(session.hf_config, index)[0])
+    return shared, reads
 
 
 def _chain_files() -> List[str]:

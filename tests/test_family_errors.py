@@ -1,0 +1,54 @@
+"""Clear errors for a checkpoint the chosen family does not fit: wrong family, unsupported architecture, block
+names that do not exist. Each names the problem and the fix, before anything is loaded or written."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import run_inprocess, tiny_overrides
+from qrunner.errors import UserError
+from tiny_models import make_tiny_gemma4, make_tiny_vlm
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma4(tmp_path_factory):
+    return make_tiny_gemma4(tmp_path_factory.mktemp("g4") / "gemma4", "dense", multimodal=True)
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen_vl(tmp_path_factory):
+    return make_tiny_vlm(tmp_path_factory.mktemp("vlm") / "qwen2_5_vl", "qwen2_5_vl")
+
+
+def test_family_that_does_not_match_the_checkpoint(tiny_llama, tiny_gemma4, tiny_qwen_vl, tmp_path):
+    with pytest.raises(UserError, match=r"family=gemma4 does not support model_type='llama'.*use family=llm"):
+        run_inprocess(tiny_overrides(tiny_llama, tmp_path, "family=gemma4"))
+    with pytest.raises(UserError, match=r"family=llm does not support model_type='gemma4'.*use family=gemma4"):
+        run_inprocess(tiny_overrides(tiny_gemma4, tmp_path))
+    with pytest.raises(UserError, match=r"family=gemma4 does not support model_type='qwen2_5_vl'.*use family=vlm"):
+        run_inprocess(tiny_overrides(tiny_qwen_vl, tmp_path, "family=gemma4"))
+    assert not any(tmp_path.iterdir())  # refused before a run folder was made
+
+
+def test_unsupported_architecture(tiny_llama, tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    for f in tiny_llama.iterdir():
+        (model / f.name).write_bytes(f.read_bytes())
+    config = json.loads((model / "config.json").read_text())
+    config["model_type"] = "mamba"
+    (model / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match=r"model_type='mamba'.*not supported yet"):
+        run_inprocess(tiny_overrides(model, tmp_path / "runs", "family=vlm"))
+
+
+def test_block_names_that_do_not_exist(tiny_gemma4, tmp_path):
+    with pytest.raises(UserError, match=r"family.block_names: 'model.language_model.blocks' is not a module list"
+                                        r".*model.language_model.layers"):
+        run_inprocess(tiny_overrides(tiny_gemma4, tmp_path, "family=gemma4",
+                                     "family.block_names=[model.language_model.blocks]"))
+    # the vision tower's layers exist, but a vision block cannot be run on text hidden states
+    with pytest.raises(UserError, match=r"model.vision_tower.encoder.layers.*lies in model.vision_tower.*not a decoder block list"):
+        run_inprocess(tiny_overrides(tiny_gemma4, tmp_path, "family=gemma4",
+                                     "family.block_names=[model.vision_tower.encoder.layers]"))
