@@ -72,6 +72,25 @@ def llama_config(hidden: int, intermediate: int, vocab: int, depth: int, bos: in
         torch_dtype="bfloat16")
 
 
+def gemma4_config(hidden: int, intermediate: int, vocab: int, depth: int, bos: int = 0, eos: int = 0):
+    """A Gemma4TextConfig with per-layer inputs (256 per layer) and KV sharing (the last quarter of the layers
+    reuse keys/values), sliding and full attention alternating, untied embeddings."""
+    import transformers
+
+    heads = max(1, hidden // 128)
+    kv_heads = max(1, heads // 4)
+    return transformers.Gemma4TextConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=depth,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=hidden // heads,
+        global_head_dim=2 * hidden // heads, sliding_window=128, max_position_embeddings=2048,
+        layer_types=["sliding_attention", "full_attention"] * (depth // 2) + ["full_attention"] * (depth % 2),
+        hidden_size_per_layer_input=256, vocab_size_per_layer_input=vocab, num_kv_shared_layers=max(2, depth // 4),
+        tie_word_embeddings=False, bos_token_id=bos, eos_token_id=eos, pad_token_id=eos, dtype="bfloat16")
+
+
+ARCHS = {"llama": llama_config, "gemma4": gemma4_config}
+
+
 def build_tokenizer(vocab: int):
     """A byte-level BPE tokenizer trained on the bundled held-out text.
 
@@ -106,10 +125,10 @@ def tensor_specs(config) -> List[Tuple[str, Tuple[int, ...]]]:
     `inv_freq` is skipped too.
     """
     import accelerate
-    from transformers import LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
     with accelerate.init_empty_weights():
-        model = LlamaForCausalLM(config)
+        model = AutoModelForCausalLM.from_config(config)
     return [(name, tuple(t.shape)) for name, t in model.state_dict().items() if not name.endswith("inv_freq")]
 
 
@@ -131,18 +150,18 @@ def random_tensor(name: str, shape: Tuple[int, ...], generator):
     """One bf16 tensor: norm weights are ones, everything else randn * 0.02."""
     import torch
 
-    if name.endswith("norm.weight"):
+    if name.endswith(("norm.weight", "layer_scalar")):
         return torch.ones(shape, dtype=torch.bfloat16)
     return (torch.randn(shape, generator=generator, dtype=torch.float32) * 0.02).to(torch.bfloat16)
 
 
-def checkpoint_key(hidden: int, intermediate: int, vocab: int, depth: int) -> str:
-    return f"llama-h{hidden}-i{intermediate}-v{vocab}-d{depth}"
+def checkpoint_key(hidden: int, intermediate: int, vocab: int, depth: int, arch: str = "llama") -> str:
+    return f"{arch}-h{hidden}-i{intermediate}-v{vocab}-d{depth}"
 
 
 def build_checkpoint(models_dir: Path, hidden: int, intermediate: int, vocab: int, depth: int,
-                     seed: int = 0) -> Path:
-    """Write (or reuse) a random-weight bf16 Llama checkpoint; returns its folder.
+                     seed: int = 0, arch: str = "llama") -> Path:
+    """Write (or reuse) a random-weight bf16 checkpoint of `arch` (llama, gemma4); returns its folder.
 
     Tensors are generated and written one shard at a time, so the builder's RAM stays around one shard.
     The folder is written under a temporary name and renamed when complete, so an interrupted build is
@@ -151,7 +170,7 @@ def build_checkpoint(models_dir: Path, hidden: int, intermediate: int, vocab: in
     import torch
     from safetensors.torch import save_file
 
-    final = models_dir / checkpoint_key(hidden, intermediate, vocab, depth)
+    final = models_dir / checkpoint_key(hidden, intermediate, vocab, depth, arch)
     if (final / "model.safetensors.index.json").is_file() and (final / "config.json").is_file():
         return final
     tmp = models_dir / (final.name + f".partial-{os.getpid()}")
@@ -159,7 +178,7 @@ def build_checkpoint(models_dir: Path, hidden: int, intermediate: int, vocab: in
     tmp.mkdir(parents=True)
     tokenizer = build_tokenizer(vocab)
     eos = tokenizer.eos_token_id
-    config = llama_config(hidden, intermediate, vocab, depth, bos=eos, eos=eos)
+    config = ARCHS[arch](hidden, intermediate, vocab, depth, bos=eos, eos=eos)
     specs = tensor_specs(config)
     shapes = dict(specs)
     shards = plan_shards(specs)
@@ -424,7 +443,7 @@ def markdown(data: Dict[str, Any]) -> str:
         "# qrunner: peak RSS vs model depth",
         "",
         f"- command: `{data['command']}`",
-        f"- model: random-weight Llama, hidden {a['hidden']}, intermediate {a['intermediate']}, vocab {a['vocab']}, "
+        f"- model: random-weight {a.get('arch', 'llama')}, hidden {a['hidden']}, intermediate {a['intermediate']}, vocab {a['vocab']}, "
         f"bf16 safetensors (shards <= 1 GB); depths {', '.join(map(str, depths))}",
         f"- qrunner: W4A16 group 128, quant.iters={a['iters']}, data.nsamples={a['nsamples']}, "
         f"data.seqlen={a['seqlen']}, eval on (eval.nsamples={a['eval_nsamples']}, eval.seqlen={a['eval_seqlen']})"
@@ -558,6 +577,8 @@ def int_list(text: str) -> List[int]:
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--arch", choices=sorted(ARCHS), default="llama",
+                   help="gemma4: per-layer inputs + KV sharing (run with family=gemma4)")
     p.add_argument("--hidden", type=int, default=2048)
     p.add_argument("--intermediate", type=int, default=5632)
     p.add_argument("--vocab", type=int, default=32000)
@@ -617,7 +638,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"[bench] baseline peak RSS {data['baseline']['peak_rss_mb']} MiB", flush=True)
     for depth in args.depths:
         t0 = time.monotonic()
-        ckpt = build_checkpoint(models, args.hidden, args.intermediate, args.vocab, depth)
+        ckpt = build_checkpoint(models, args.hidden, args.intermediate, args.vocab, depth, arch=args.arch)
         data["checkpoints"][depth] = checkpoint_info(ckpt)
         print(f"[bench] checkpoint d{depth}: {data['checkpoints'][depth]} ({time.monotonic() - t0:.1f} s)",
               flush=True)

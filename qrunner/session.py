@@ -110,8 +110,12 @@ class ModelSession:
     # ---- access by memory mode ----------------------------------------------------------------
     @cached_property
     def reader(self) -> CheckpointReader:
+        from qrunner.models.checkpoint_names import checkpoint_key_map
+
         tied = self.skeleton.get_expanded_tied_weights_keys(all_submodels=True)
-        return CheckpointReader(self.model_dir, tied)
+        reader = CheckpointReader(self.model_dir, tied)
+        reader.rename(checkpoint_key_map(self.skeleton, reader.shard_of))
+        return reader
 
     def block_names(self) -> List[str]:
         return [name for name, _ in self.blocks(self.skeleton)]
@@ -120,13 +124,16 @@ class ModelSession:
     def block(self, index: int) -> Iterator[Tuple[str, nn.Module]]:
         """Block `index` with real weights: from the loaded model (high) or streamed from the shards."""
         if not self.streams_blocks:
-            yield self.blocks(self.model())[index]
+            name, block = self.blocks(self.model())[index]
+            with self.adapter.block_view(block) as view:
+                yield name, view
             return
         name, block = self.blocks(self.skeleton)[index]
         names = [f"{name}.{t}" for t in module_tensor_names(block)]
         materialize_tensors(self.skeleton, names, self.reader, self.compute_dtype)
         try:
-            yield name, block
+            with self.adapter.block_view(block) as view:
+                yield name, view
         finally:
             release_tensors(self.skeleton, names)
             release_freed_memory()

@@ -4,8 +4,9 @@ The figures are estimates of what is resident at the worst moment of the quantiz
 dominates every mode:
 
 - every mode: the interpreter with torch and transformers imported, the block being tuned (its weights in
-  the compute dtype, and per quantized weight element the fp32 rounding offset, its gradient, the best
-  iteration's copy and the dequantized weight), and one mini-batch's forward/backward activations;
+  the compute dtype, and per weight element the fp32 rounding offset, the best iteration's and the RTN
+  codes; one layer's fake-quantization recomputed in float32 at a time), and one mini-batch's
+  forward/backward activations;
 - `high`: plus the whole model in the compute dtype, and the four activation sets of the block
   (quantized-chain inputs, original-chain inputs, targets, outputs), each nsamples x seqlen x hidden;
 - `medium`: plus the larger of the input embeddings (capture) and the output head (evaluate), and the
@@ -39,12 +40,13 @@ def predict_peaks_mb(cfg: Any, session: Any) -> Dict[str, float]:
     inter = int(getattr(text, "intermediate_size", 4 * hidden))
     blocks = session.blocks(model)
     block_params = max(sum(p.numel() for p in b.parameters()) for _, b in blocks)
+    largest_layer = max((p.numel() for _, b in blocks for p in b.parameters() if p.dim() >= 2), default=0)
     total = sum(p.numel() for p in model.parameters())
     edge = max(_numel(model, adapter.input_tensor_names(model, session.block_lists)),
                _numel(model, adapter.head_tensor_names(model)))
 
     q = cfg.quant
-    tuning = block_params * (c + (16 if int(q.iters) > 0 else 4))
+    tuning = block_params * (c + 2) + (block_params * 4 + largest_layer * 24 if int(q.iters) > 0 else 0)
     mb_tokens = int(q.batch_size) * int(cfg.data.seqlen)
     backward = mb_tokens * (10 * hidden + 4 * inter) * 4 if int(q.iters) > 0 else mb_tokens * (2 * hidden + inter) * 4
     activations = 4 * int(cfg.data.nsamples) * int(cfg.data.seqlen) * hidden * c

@@ -30,6 +30,8 @@ class CheckpointReader:
     def __init__(self, model_dir: Path, tied: Optional[Dict[str, str]] = None) -> None:
         self.model_dir = Path(model_dir)
         self.tied = dict(tied or {})
+        self.renamed: Dict[str, str] = {}  # model tensor name -> checkpoint key, where they differ
+        self.model_name_of: Dict[str, str] = {}
         self.shard_of: Dict[str, Path] = {}
         index = self.model_dir / INDEX
         if index.is_file():
@@ -55,17 +57,35 @@ class CheckpointReader:
             raise UserError(f"cannot read the safetensors shard {shard} ({err}); the file is damaged or "
                             "incomplete: re-download it") from None
 
+    def rename(self, renamed: Dict[str, str]) -> None:
+        """Model tensor names stored under other checkpoint keys ({model name: checkpoint key})."""
+        self.renamed = dict(renamed)
+        self.model_name_of = {stored: name for name, stored in self.renamed.items()}
+
+    def model_name(self, stored_key: str) -> str:
+        """The model tensor a checkpoint key fills."""
+        return self.model_name_of.get(stored_key, stored_key)
+
     def source_key(self, key: str) -> Optional[str]:
-        """The checkpoint tensor that holds `key` (itself, or the source of a tied weight)."""
-        if key in self.shard_of:
-            return key
-        source = self.tied.get(key)
-        return source if source in self.shard_of else None
+        """The checkpoint key that holds model tensor `key` (its own, renamed, or a tied weight's source)."""
+        for name in (key, self.tied.get(key)):
+            if name is None:
+                continue
+            if name in self.renamed:
+                return self.renamed[name]
+            if name in self.shard_of and name not in self.model_name_of:
+                return name
+        return None
 
     def read(self, key: str) -> torch.Tensor:
+        """Model tensor `key`, read from the checkpoint key that holds it."""
         source = self.source_key(key)
         if source is None:
             raise KeyError(key)
+        return self.read_stored(source)
+
+    def read_stored(self, source: str) -> torch.Tensor:
+        """The tensor stored under checkpoint key `source`."""
         shard = self.shard_of[source]
         try:
             with safe_open(str(shard), framework="pt") as f:

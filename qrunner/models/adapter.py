@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import inspect
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, ClassVar, Dict, List, Optional, Sequence, Tuple
+from typing import Any, ClassVar, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -71,6 +72,11 @@ class FamilyAdapter:
             raise UserError(f"could not find the decoder blocks of {type(model).__name__}; tried "
                             f"{', '.join(self.block_list_candidates)}. Set family.block_names=[path.to.layers].")
         for name in names:
+            tower = next((u for u in self.unused_modules if name == u or name.startswith(u + ".")), None)
+            if tower is not None:
+                found = [n for n in self.block_list_candidates if _get(model, n) is not None]
+                raise UserError(f"family.block_names: {name!r} lies in {tower}, which text calibration never runs: "
+                                f"it is not a decoder block list. Use {', '.join(found) or 'the decoder layers'}.")
             if not isinstance(_get(model, name), nn.ModuleList):
                 available = [n for n, m in model.named_modules() if isinstance(m, nn.ModuleList)]
                 raise UserError(f"family.block_names: {name!r} is not a module list in {type(model).__name__}; "
@@ -86,6 +92,17 @@ class FamilyAdapter:
 
     def linears(self, block: nn.Module) -> List[Tuple[str, nn.Linear]]:
         return [(n, m) for n, m in block.named_modules() if isinstance(m, nn.Linear)]
+
+    @contextmanager
+    def block_view(self, block: nn.Module) -> Iterator[nn.Module]:
+        """The block as qrunner tunes, quantizes and fake-quantizes it: every quantizable weight an `nn.Linear`
+        (e.g. fused MoE experts seen as one linear per expert). Undone on exit."""
+        yield block
+
+    def split_source_tensor(self, key: str, tensor: torch.Tensor, quantized: Any) -> Optional[Dict[str, torch.Tensor]]:
+        """A checkpoint tensor the export writes under other names (e.g. fused experts as per-expert weights,
+        when `quantized` holds them), or None to write it as it is."""
+        return None
 
     def plan_layers(self, model: nn.Module, block_lists: Sequence[str], bits: int, group_size: int, sym: bool,
                     ignore: Sequence[str], overrides: Sequence[Tuple[str, Dict[str, Any]]] = (),
@@ -153,6 +170,9 @@ class FamilyAdapter:
         """Logits from the last block's output (the head modules applied in order)."""
         for prefix in self.heads(model):
             hidden = model.get_submodule(prefix)(hidden)
+        cap = getattr(self.text_config(model.config), "final_logit_softcapping", None)
+        if cap:  # Gemma-style soft cap, as the model's own forward applies it
+            hidden = torch.tanh(hidden / cap) * cap
         return hidden
 
     # ---- block inputs ----------------------------------------------------------------------

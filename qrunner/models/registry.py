@@ -6,14 +6,9 @@ from typing import Dict, List, Optional
 from qrunner.models.adapter import FamilyAdapter
 from qrunner.models.gemma4 import Gemma4Adapter
 from qrunner.models.llm import LlmAdapter
+from qrunner.models.vlm import VlmAdapter
 
-_FAMILIES: Dict[str, FamilyAdapter] = {a.name: a for a in (LlmAdapter(), Gemma4Adapter())}
-
-# model types that belong to families not built yet, so an error can point the user the right way
-_OTHER_FAMILIES = {
-    "qwen2_vl": "vlm", "qwen2_5_vl": "vlm", "qwen3_vl": "vlm", "llava": "vlm", "gemma3": "vlm",
-}
-
+_FAMILIES: Dict[str, FamilyAdapter] = {a.name: a for a in (LlmAdapter(), VlmAdapter(), Gemma4Adapter())}
 
 def family_names() -> List[str]:
     return sorted(_FAMILIES)
@@ -27,4 +22,4 @@ def family_for_model_type(model_type: Optional[str]) -> Optional[str]:
     for family in _FAMILIES.values():
         if model_type in family.model_types:
             return family.name
-    return _OTHER_FAMILIES.get(model_type or "")
+    return None

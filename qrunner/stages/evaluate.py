@@ -72,10 +72,13 @@ class EvaluateStage(Stage):
             if cfg.eval.original:
                 metrics["ppl_original"] = perplexity(session.model(), windows, bs, "eval original", show)
             model = session.take_model()  # weights are replaced below; later stages must reload
-            for name, qw in layers.items():
-                layer = get_module(model, name)
-                layer.weight.data = qw.dequantize(layer.weight.dtype)
-            metrics["ppl_quantized"] = perplexity(model, windows, bs, "eval quantized", show)
+            with contextlib.ExitStack() as views:
+                for _, block in session.blocks(model):
+                    views.enter_context(session.adapter.block_view(block))
+                for name, qw in layers.items():
+                    layer = get_module(model, name)
+                    layer.weight.data = qw.dequantize(layer.weight.dtype)
+                metrics["ppl_quantized"] = perplexity(model, windows, bs, "eval quantized", show)
             del model
         if "ppl_original" in metrics:
             metrics["ppl_ratio"] = metrics["ppl_quantized"] / metrics["ppl_original"]

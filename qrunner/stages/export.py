@@ -18,7 +18,6 @@ from qrunner.config.validate import parse_size
 from qrunner.errors import UserError
 from qrunner.export.auto_round import pack_layer, quantization_config
 from qrunner.export.shards import ShardedSafetensorsWriter
-from qrunner.memory.streaming import CheckpointReader
 from qrunner.pipeline.atomic import fsync_tree, remove_tree
 from qrunner.pipeline.faults import fault_point
 from qrunner.pipeline.integrity import first_problem, records
@@ -77,24 +76,39 @@ class ExportStage(Stage):
         layers = quantized_layers(ctx.inputs["quantize"])
         writer = ShardedSafetensorsWriter(tmp, parse_size(cfg.export.max_shard_size))
         packed: set = set()
-        reader = CheckpointReader(session.model_dir)  # one tensor in RAM at a time, no lingering mapped pages
+        reader = session.reader  # one tensor in RAM at a time, no lingering mapped pages
         by_shard: Dict[Path, List[str]] = {}
         for key, shard in reader.shard_of.items():
             by_shard.setdefault(shard, []).append(key)
         for shard in source_shards(session.model_dir):
-            keys = sorted(by_shard.get(shard, []))
-            for key in keys:
-                module, _, leaf = key.rpartition(".")
+            for stored in sorted(by_shard.get(shard, [])):
+                # tensors keep the checkpoint's own names; quantized layers are found by the model's names
+                name = reader.model_name(stored)
+                module, _, leaf = name.rpartition(".")
+                stored_module = stored.rpartition(".")[0]
                 if module in layers:
                     if leaf == "weight":
-                        bias = reader.read(f"{module}.bias") if f"{module}.bias" in reader.shard_of else None
+                        bias = reader.read(f"{module}.bias") if reader.source_key(f"{module}.bias") else None
                         for suffix, tensor in pack_layer(layers[module], bias).items():
-                            writer.add(f"{module}.{suffix}", tensor)
+                            writer.add(f"{stored_module}.{suffix}", tensor)
                         packed.add(module)
                     elif leaf != "bias":
-                        writer.add(key, reader.read(key))
-                else:
-                    writer.add(key, reader.read(key))
+                        writer.add(stored, reader.read_stored(stored))
+                    continue
+                tensor = reader.read_stored(stored)
+                parts = session.adapter.split_source_tensor(name, tensor, layers)
+                if parts is None:
+                    writer.add(stored, tensor)
+                    continue
+                for part_name, part in parts.items():  # e.g. fused experts written per expert
+                    part_module = part_name.rpartition(".")[0]
+                    stored_part = stored_module + part_name[len(module):]
+                    if part_module in layers:
+                        for suffix, packed_tensor in pack_layer(layers[part_module], None).items():
+                            writer.add(f"{stored_part.rpartition('.')[0]}.{suffix}", packed_tensor)
+                        packed.add(part_module)
+                    else:
+                        writer.add(stored_part, part.contiguous())
         missing = sorted(set(layers) - packed)
         if missing:
             raise RuntimeError(f"export: {len(missing)} quantized layers have no weight in the source checkpoint "
