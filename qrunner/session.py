@@ -11,6 +11,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from qrunner.memory.embedding_rows import rows_on_demand
 from qrunner.memory.streaming import CheckpointReader, materialize_tensors, module_tensor_names, release_tensors
 from qrunner.memory.trim import release_freed_memory
 from qrunner.models.adapter import FamilyAdapter, LayerPlan
@@ -146,9 +147,14 @@ class ModelSession:
             yield self.model()
             return
         names = self.adapter.input_tensor_names(self.skeleton, self.block_lists)
+        # embedding tables are read by rows, only those of the ids looked up (see memory/embedding_rows.py)
+        tables = [n for n, m in self.skeleton.named_modules()
+                  if isinstance(m, nn.Embedding) and f"{n}.weight" in names]
+        names = [n for n in names if n not in {f"{t}.weight" for t in tables}]
         materialize_tensors(self.skeleton, names, self.reader, self.compute_dtype)
         try:
-            yield self.skeleton
+            with rows_on_demand(self.skeleton, tables, self.reader, self.compute_dtype):
+                yield self.skeleton
         finally:
             release_tensors(self.skeleton, names)
 

@@ -134,3 +134,30 @@ def test_tied_embeddings_stream_from_their_source(tmp_path):
     low = _run(model_dir, tmp_path / "low", "memory=low")
     assert tree_bytes(Path(high["export_dir"])) == tree_bytes(Path(low["export_dir"]))
     assert low["quality"]["ppl_original"] == pytest.approx(high["quality"]["ppl_original"], rel=1e-4)
+
+
+def test_embedding_tables_are_read_by_rows(tiny_llama, tmp_path, monkeypatch):
+    """In the streaming modes an embedding lookup reads only the rows of the ids it is given; the table itself
+    stays on the meta device, and the hidden states are those of the whole table."""
+    import torch
+
+    from qrunner.memory.streaming import CheckpointReader
+
+    reader = CheckpointReader(tiny_llama)
+    table = reader.read("model.embed_tokens.weight")
+    rows = [0, 1, 2, 7, 8, 100, len(table) - 1]
+    assert torch.equal(reader.read_rows("model.embed_tokens.weight", rows), table[rows])
+
+    calls = []
+    original = CheckpointReader.read_rows
+
+    def counting(self, key, wanted):
+        calls.append((key, len(wanted)))
+        return original(self, key, wanted)
+
+    monkeypatch.setattr(CheckpointReader, "read_rows", counting)
+    low = _run(tiny_llama, tmp_path / "low", "memory=low")
+    assert calls and all(key == "model.embed_tokens.weight" for key, _ in calls)
+    assert max(n for _, n in calls) <= 64 < len(table)  # at most one window's distinct ids (seqlen 64)
+    high = _run(tiny_llama, tmp_path / "high", "memory=high")
+    assert tree_bytes(Path(high["export_dir"])) == tree_bytes(Path(low["export_dir"]))

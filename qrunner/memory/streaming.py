@@ -84,6 +84,27 @@ class CheckpointReader:
             raise KeyError(key)
         return self.read_stored(source)
 
+    def read_rows(self, key: str, rows: Sequence[int]) -> torch.Tensor:
+        """Rows `rows` (ascending) of the 2-D model tensor `key`, read slice by slice (one per run of
+        consecutive rows) without reading the rest of the tensor."""
+        source = self.source_key(key)
+        if source is None:
+            raise KeyError(key)
+        runs, start = [], 0
+        for i in range(1, len(rows) + 1):
+            if i == len(rows) or rows[i] != rows[i - 1] + 1:
+                runs.append((rows[start], rows[i - 1] + 1))
+                start = i
+        shard = self.shard_of[source]
+        try:
+            with safe_open(str(shard), framework="pt") as f:
+                table = f.get_slice(source)
+                parts = [table[a:b] for a, b in runs]
+        except (SafetensorError, OSError) as err:
+            raise UserError(f"cannot read tensor {source} from {shard} ({err}); the shard is damaged or "
+                            "incomplete: re-download it") from None
+        return torch.cat(parts) if len(parts) != 1 else parts[0]
+
     def read_stored(self, source: str) -> torch.Tensor:
         """The tensor stored under checkpoint key `source`."""
         shard = self.shard_of[source]
