@@ -276,7 +276,7 @@ def qrunner_command(ckpt: Path, mode: str, run_root: Path, args: argparse.Namesp
             "run.fresh=true", "run.show_progress=false", f"quant.iters={args.iters}",
             f"data.nsamples={args.nsamples}", f"data.seqlen={args.seqlen}", "scheme.group_size=128",
             "eval.enabled=true", f"eval.nsamples={args.eval_nsamples}", f"eval.seqlen={args.eval_seqlen}",
-            *args.set]
+            *([f"family={args.arch}"] if getattr(args, "arch", "llama") != "llama" else []), *args.set]
 
 
 def read_report(run_root: Path) -> Optional[Dict[str, Any]]:

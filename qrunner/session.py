@@ -58,7 +58,7 @@ class ModelSession:
     @cached_property
     def skeleton(self) -> nn.Module:
         self.adapter.check_config(self.hf_config, str(self.model_dir))
-        return self.adapter.build_skeleton(self.hf_config, self.cfg.model.trust_remote_code)
+        return self.adapter.build_skeleton(self.hf_config, self.cfg.model.trust_remote_code, self.compute_dtype)
 
     @cached_property
     def block_lists(self) -> List[str]:

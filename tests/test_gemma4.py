@@ -109,3 +109,46 @@ def test_gemma4_low_memory_export_reloads_and_matches(kind, multimodal, layers, 
     if kind != "moe":
         assert loader_error < 0.05 * quantization_error, (loader_error, quantization_error)
     views.close()
+
+
+def test_gemma4_memory_modes_give_byte_identical_exports_and_never_read_the_towers(tmp_path, monkeypatch):
+    """high, medium and low export the same bytes for a multimodal Gemma 4 with per-layer inputs and KV sharing
+    (side values on disk in low, in RAM otherwise); the streaming modes never read the vision tower."""
+    import qrunner.session
+    from conftest import tree_bytes
+
+    model_dir = make_tiny_gemma4(tmp_path / "model", "ple_kv", layers=6, multimodal=True)
+    read = []
+    original = qrunner.session.materialize_tensors
+
+    def recording(model, names, reader, dtype):
+        read.extend(names)
+        original(model, names, reader, dtype)
+
+    monkeypatch.setattr(qrunner.session, "materialize_tensors", recording)
+    exports = {}
+    for mode in ("high", "medium", "low"):
+        report = run_inprocess(tiny_overrides(model_dir, tmp_path / mode, "family=gemma4", f"memory={mode}",
+                                              "quant.iters=4", "scheme.group_size=32"))
+        exports[mode] = tree_bytes(Path(report["export_dir"]))
+    assert exports["high"] == exports["medium"] == exports["low"]
+    assert read and not any(n.startswith(("model.vision_tower.", "model.embed_vision.")) for n in read)
+
+
+def test_gemma4_killed_after_the_kv_store_layers_resumes_with_identical_export(tmp_path):
+    """Killed once blocks 0-3 are committed (2 and 3 hand keys/values to the reuse layers 4 and 5): the restart
+    resumes at block 5 with the committed side values and exports what an uninterrupted run exports."""
+    from conftest import run_cli, tree_bytes
+
+    model_dir = make_tiny_gemma4(tmp_path / "model", "ple_kv", layers=6)
+    args = ["family=gemma4", "quant.iters=4", "scheme.group_size=32"]
+    clean = run_inprocess(tiny_overrides(model_dir, tmp_path / "clean", "memory=low", *args))
+    res = run_cli(tiny_overrides(model_dir, tmp_path / "killed", "memory=high", *args),
+                  env={"QRUNNER_FAULT": "quantize.block_committed:3"})
+    assert res.returncode == 0, res.stderr
+    assert "killed (SIGKILL, as by the OOM killer) in memory=high" in res.stderr
+    (run_dir,) = [p for p in (tmp_path / "killed" / "demo").iterdir() if p.is_dir()]
+    assert "quantize: resuming at block 5/6 (4 block(s) already committed)" in (run_dir / "run.log").read_text()
+    assert tree_bytes(run_dir / "model") == tree_bytes(Path(clean["export_dir"]))
+    units = run_dir / "stages" / "quantize" / "units"
+    assert not list(units.rglob("side_*"))  # side values are dropped once every block is done

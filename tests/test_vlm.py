@@ -70,3 +70,25 @@ def test_vlm_low_memory_export_reloads_and_matches(kind, tmp_path):
     loader_error, quantization_error = float((got - want).abs().max()), float((before - want).abs().max())
     print(f"{kind}: loaded vs ours {loader_error:.2e}, ours vs original {quantization_error:.2e}")
     assert loader_error < 0.05 * quantization_error, (loader_error, quantization_error)
+
+
+def test_vlm_memory_modes_give_byte_identical_exports_and_never_read_the_vision_tower(tmp_path, monkeypatch):
+    import qrunner.session
+    from conftest import tree_bytes
+
+    model_dir = make_tiny_vlm(tmp_path / "model", "gemma3", layers=4)
+    read = []
+    original = qrunner.session.materialize_tensors
+
+    def recording(model, names, reader, dtype):
+        read.extend(names)
+        original(model, names, reader, dtype)
+
+    monkeypatch.setattr(qrunner.session, "materialize_tensors", recording)
+    exports = {}
+    for mode in ("high", "low"):
+        report = run_inprocess(tiny_overrides(model_dir, tmp_path / mode, "family=vlm", f"memory={mode}",
+                                              "quant.iters=4", "scheme.group_size=32"))
+        exports[mode] = tree_bytes(Path(report["export_dir"]))
+    assert exports["high"] == exports["low"]
+    assert read and not any(n.startswith(("model.vision_tower.", "model.multi_modal_projector.")) for n in read)

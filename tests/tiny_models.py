@@ -113,7 +113,7 @@ def make_tiny_gemma4(path: Path, kind: str = "dense", layers: int = 4, hidden: i
     return path
 
 
-VLM_KINDS = ("qwen2_5_vl", "llava", "gemma3")
+VLM_KINDS = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "gemma3")
 
 
 def make_tiny_vlm(path: Path, kind: str = "qwen2_5_vl", layers: int = 2, hidden: int = 64, seed: int = 0,
@@ -129,12 +129,27 @@ def make_tiny_vlm(path: Path, kind: str = "qwen2_5_vl", layers: int = 2, hidden:
     text = dict(vocab_size=v, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                 num_attention_heads=4, num_key_value_heads=2, bos_token_id=tokenizer.eos_token_id,
                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id)
-    if kind == "qwen2_5_vl":
+    ids = dict(image_token_id=v - 1, video_token_id=v - 2, vision_start_token_id=v - 3, vision_end_token_id=v - 4)
+    if kind == "qwen2_vl":
+        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
+        config = transformers.Qwen2VLConfig(
+            text_config=text, vision_config=dict(depth=1, embed_dim=32, hidden_size=hidden, num_heads=2, mlp_ratio=2,
+                                                 patch_size=14, spatial_merge_size=2), **ids)
+        processor = transformers.Qwen2VLImageProcessorPil()
+    elif kind == "qwen3_vl":
+        text.update(head_dim=16, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                  "mrope_section": [2, 3, 3], "mrope_interleaved": True})
+        config = transformers.Qwen3VLConfig(
+            text_config=text, vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2,
+                                                 out_hidden_size=hidden, deepstack_visual_indexes=[0],
+                                                 num_position_embeddings=16), **ids)
+        processor = transformers.Qwen2VLImageProcessorPil()
+    elif kind == "qwen2_5_vl":
         text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
         config = transformers.Qwen2_5_VLConfig(
             text_config=text, vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2,
                                                  out_hidden_size=hidden, fullatt_block_indexes=[0], window_size=112),
-            image_token_id=v - 1, video_token_id=v - 2, vision_start_token_id=v - 3, vision_end_token_id=v - 4)
+            **ids)
         processor = transformers.Qwen2VLImageProcessorPil()
     elif kind == "llava":
         vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,

@@ -55,12 +55,13 @@ class FamilyAdapter:
             raise UserError(f"family={self.name} does not support model_type={model_type!r} "
                             f"(from {model_path}/config.json); supported: {', '.join(self.model_types)}.{hint}")
 
-    def build_skeleton(self, config: Any, trust_remote_code: bool) -> nn.Module:
-        """The model with every parameter on the meta device (no memory for weights)."""
+    def build_skeleton(self, config: Any, trust_remote_code: bool, dtype: Optional[torch.dtype] = None) -> nn.Module:
+        """The model with every parameter on the meta device (no memory for weights). Buffers the model builds
+        itself (rotary tables, embedding scales) are made in `dtype`, as `from_pretrained(dtype=...)` makes them."""
         from accelerate import init_empty_weights
 
         with init_empty_weights(include_buffers=False):
-            return self.model_class(config).from_config(config, trust_remote_code=trust_remote_code)
+            return self.model_class(config).from_config(config, trust_remote_code=trust_remote_code, dtype=dtype)
 
     def model_class(self, config: Any) -> Any:
         raise NotImplementedError(f"family {self.name} does not define model_class()")
