@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
 
@@ -43,11 +44,15 @@ class _Spool:
         self.entries: dict[str, tuple[torch.dtype, list[int], int, int]] = {}  # dtype, shape, offset, size
         self.nbytes = 0
 
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        data = tensor.reshape(-1).view(torch.uint8).numpy() if tensor.nbytes else b""
-        self.file.write(data)
-        self.entries[name] = (tensor.dtype, list(tensor.shape), self.nbytes, tensor.nbytes)
-        self.nbytes += tensor.nbytes
+    def add(self, name: str, dtype: torch.dtype, shape: list[int], parts: Iterable[torch.Tensor]) -> int:
+        """Append a tensor given as consecutive parts (rows in C order); returns its size in bytes."""
+        start = self.nbytes
+        for part in parts:
+            if part.nbytes:
+                self.file.write(part.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+            self.nbytes += part.nbytes
+        self.entries[name] = (dtype, list(shape), start, self.nbytes - start)
+        return self.nbytes - start
 
     def write_shard(self, path: Path, metadata: Mapping[str, str]) -> None:
         """The safetensors file: header (tensors ordered by alignment, then name), then the data."""
@@ -135,13 +140,25 @@ class ShardedSafetensorsWriter:
             raise ValueError(f"{name}: tensors must be on CPU, got {tensor.device}")
         if tensor.dtype not in _DTYPES:
             raise TypeError(f"{name}: dtype {tensor.dtype} cannot be stored in safetensors")
-        tensor = tensor.detach().contiguous()
-        nbytes = tensor.nbytes
+        self.add_parts(name, tensor.dtype, list(tensor.shape), [tensor])
+
+    def add_parts(self, name: str, dtype: torch.dtype, shape: list[int], parts: Iterable[torch.Tensor]) -> None:
+        """Append the tensor `name` of `dtype` and `shape` given as consecutive row blocks (`parts`, read one at
+        a time: a tensor larger than RAM can be copied); the bytes are those `add` writes for the whole."""
+        if self._closed:
+            raise RuntimeError("writer is closed")
+        if name in self._names:
+            raise ValueError(f"duplicate tensor name {name!r}")
+        if dtype not in _DTYPES:
+            raise TypeError(f"{name}: dtype {dtype} cannot be stored in safetensors")
+        nbytes = math.prod(shape) * _itemsize(dtype)
         if self._spool is not None and self._spool.nbytes and self._spool.nbytes + nbytes > self.max_shard_bytes:
             self._flush()
         if self._spool is None:
             self._spool = _Spool(self.out_dir / f".model-{len(self._partials) + 1:05d}.spool")
-        self._spool.add(name, tensor)
+        written = self._spool.add(name, dtype, shape, parts)
+        if written != nbytes:
+            raise ValueError(f"{name}: parts hold {written} bytes, shape {shape} of {dtype} needs {nbytes}")
         self._names.add(name)
         self._total_size += nbytes
 

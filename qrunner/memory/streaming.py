@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+import math
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from accelerate.utils import set_module_tensor_to_device
@@ -22,6 +23,10 @@ from torch import nn
 from qrunner.errors import UserError
 
 INDEX = "model.safetensors.index.json"
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn,
+                       "F8_E5M2": torch.float8_e5m2}
 
 
 class CheckpointReader:
@@ -83,6 +88,29 @@ class CheckpointReader:
         if source is None:
             raise KeyError(key)
         return self.read_stored(source)
+
+    def stored_meta(self, source: str) -> Tuple[torch.dtype, List[int]]:
+        """dtype and shape of checkpoint key `source`, from the shard's header (nothing read)."""
+        with self._open(source) as f:
+            table = f.get_slice(source)
+            return _SAFETENSORS_DTYPES[table.get_dtype()], list(table.get_shape())
+
+    def stored_row_parts(self, source: str, part_bytes: int) -> Iterator[torch.Tensor]:
+        """Checkpoint key `source` as consecutive row blocks of about `part_bytes` each (one read per block)."""
+        dtype, shape = self.stored_meta(source)
+        row_bytes = max(1, math.prod(shape[1:]) * torch.empty((), dtype=dtype).element_size())
+        step = max(1, part_bytes // row_bytes)
+        for start in range(0, shape[0], step):
+            with self._open(source) as f:
+                yield f.get_slice(source)[start:start + step]
+
+    def _open(self, source: str):
+        shard = self.shard_of[source]
+        try:
+            return safe_open(str(shard), framework="pt")
+        except (SafetensorError, OSError) as err:
+            raise UserError(f"cannot read tensor {source} from {shard} ({err}); the shard is damaged or "
+                            "incomplete: re-download it") from None
 
     def read_rows(self, key: str, rows: Sequence[int]) -> torch.Tensor:
         """Rows `rows` (ascending) of the 2-D model tensor `key`, read slice by slice (one per run of

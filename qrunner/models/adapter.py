@@ -5,7 +5,7 @@ import inspect
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, ClassVar, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, ClassVar, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -100,9 +100,10 @@ class FamilyAdapter:
         (e.g. fused MoE experts seen as one linear per expert). Undone on exit."""
         yield block
 
-    def split_source_tensor(self, key: str, tensor: torch.Tensor, quantized: Any) -> Optional[Dict[str, torch.Tensor]]:
-        """A checkpoint tensor the export writes under other names (e.g. fused experts as per-expert weights,
-        when `quantized` holds them), or None to write it as it is."""
+    def split_source_tensor(self, key: str, read: Callable[[], torch.Tensor], quantized: Any
+                            ) -> Optional[Dict[str, torch.Tensor]]:
+        """A checkpoint tensor (`read()` reads it) the export writes under other names (e.g. fused experts as
+        per-expert weights, when `quantized` holds them), or None to copy it as stored."""
         return None
 
     def plan_layers(self, model: nn.Module, block_lists: Sequence[str], bits: int, group_size: int, sym: bool,

@@ -22,7 +22,7 @@ projection, the vision/audio towers and their embedders, `lm_head`.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -105,13 +105,15 @@ class Gemma4Adapter(FamilyAdapter):
         finally:
             block.experts = fused
 
-    def split_source_tensor(self, key: str, tensor: torch.Tensor, quantized: Any) -> Optional[Dict[str, torch.Tensor]]:
+    def split_source_tensor(self, key: str, read: Callable[[], torch.Tensor], quantized: Any
+                            ) -> Optional[Dict[str, torch.Tensor]]:
         """A fused expert tensor of the checkpoint as per-expert weights, when those experts are quantized."""
         if not key.endswith((FUSED_GATE_UP, FUSED_DOWN)):
             return None
         prefix = key[: -len(FUSED_GATE_UP if key.endswith(FUSED_GATE_UP) else FUSED_DOWN)] + "experts"
         if not any(name.startswith(prefix + ".") for name in quantized):
             return None
+        tensor = read()
         if key.endswith(FUSED_DOWN):
             return {f"{prefix}.{e}.down_proj.weight": tensor[e] for e in range(tensor.shape[0])}
         inter = tensor.shape[1] // 2

@@ -28,6 +28,7 @@ from qrunner.stages.quantize import quantized_layers, scheme_of
 WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "model.safetensors.index.json",
                 "pytorch_model.bin.index.json")
 RECORD = "export.json"
+COPY_PART_BYTES = 64 << 20  # unquantized tensors are copied in row blocks of this size
 
 
 def output_dir(cfg: DictConfig, run_dir: Path) -> Path:
@@ -95,10 +96,11 @@ class ExportStage(Stage):
                     elif leaf != "bias":
                         writer.add(stored, reader.read_stored(stored))
                     continue
-                tensor = reader.read_stored(stored)
-                parts = session.adapter.split_source_tensor(name, tensor, layers)
-                if parts is None:
-                    writer.add(stored, tensor)
+                parts = session.adapter.split_source_tensor(name, lambda: reader.read_stored(stored), layers)
+                if parts is None:  # copied as stored; a large tensor in row blocks, never whole in RAM
+                    dtype, shape = reader.stored_meta(stored)
+                    writer.add_parts(stored, dtype, shape, reader.stored_row_parts(stored, COPY_PART_BYTES)
+                                     if len(shape) >= 1 else [reader.read_stored(stored)])
                     continue
                 for part_name, part in parts.items():  # e.g. fused experts written per expert
                     part_module = part_name.rpartition(".")[0]
