@@ -23,6 +23,18 @@ from tiny_models import make_tiny_gemma4
 pytest.importorskip("auto_round")
 
 CASES = [("dense", False, 4), ("ple_kv", True, 6), ("ple_kv", False, 6), ("moe", False, 4)]
+KV_ARGS = ("family=gemma4", "quant.iters=4", "scheme.group_size=32")
+
+
+@pytest.fixture(scope="module")
+def ple_kv_clean(tmp_path_factory):
+    """A 6-layer Gemma 4 with per-layer inputs and KV sharing, and the export of an uninterrupted run."""
+    from conftest import tree_bytes
+
+    root = tmp_path_factory.mktemp("ple_kv")
+    model_dir = make_tiny_gemma4(root / "model", "ple_kv", layers=6)
+    clean = run_inprocess(tiny_overrides(model_dir, root / "clean", "memory=low", *KV_ARGS))
+    return model_dir, tree_bytes(Path(clean["export_dir"]))
 
 
 def _tensors(folder: Path) -> dict:
@@ -135,20 +147,36 @@ def test_gemma4_memory_modes_give_byte_identical_exports_and_never_read_the_towe
     assert read and not any(n.startswith(("model.vision_tower.", "model.embed_vision.")) for n in read)
 
 
-def test_gemma4_killed_after_the_kv_store_layers_resumes_with_identical_export(tmp_path):
+def test_gemma4_killed_after_the_kv_store_layers_resumes_with_identical_export(ple_kv_clean, tmp_path):
     """Killed once blocks 0-3 are committed (2 and 3 hand keys/values to the reuse layers 4 and 5): the restart
     resumes at block 5 with the committed side values and exports what an uninterrupted run exports."""
     from conftest import run_cli, tree_bytes
 
-    model_dir = make_tiny_gemma4(tmp_path / "model", "ple_kv", layers=6)
-    args = ["family=gemma4", "quant.iters=4", "scheme.group_size=32"]
-    clean = run_inprocess(tiny_overrides(model_dir, tmp_path / "clean", "memory=low", *args))
-    res = run_cli(tiny_overrides(model_dir, tmp_path / "killed", "memory=high", *args),
+    model_dir, clean = ple_kv_clean
+    res = run_cli(tiny_overrides(model_dir, tmp_path / "killed", "memory=high", *KV_ARGS),
                   env={"QRUNNER_FAULT": "quantize.block_committed:3"})
     assert res.returncode == 0, res.stderr
     assert "killed (SIGKILL, as by the OOM killer) in memory=high" in res.stderr
     (run_dir,) = [p for p in (tmp_path / "killed" / "demo").iterdir() if p.is_dir()]
     assert "quantize: resuming at block 5/6 (4 block(s) already committed)" in (run_dir / "run.log").read_text()
-    assert tree_bytes(run_dir / "model") == tree_bytes(Path(clean["export_dir"]))
+    assert tree_bytes(run_dir / "model") == clean
     units = run_dir / "stages" / "quantize" / "units"
     assert not list(units.rglob("side_*"))  # side values are dropped once every block is done
+
+
+def test_damaged_shared_kv_rows_of_a_committed_block_are_detected_on_resume(ple_kv_clean, tmp_path):
+    """The keys/values a committed store layer handed on are part of its checkpoint: truncated, they are named
+    and quantization starts over instead of reading garbage; the export still equals a clean run's."""
+    from conftest import run_cli, tree_bytes
+
+    model_dir, clean = ple_kv_clean
+    args = tiny_overrides(model_dir, tmp_path / "runs", "memory=low", *KV_ARGS)
+    res = run_cli([*args, "run.on_oom=fail"], env={"QRUNNER_FAULT": "quantize.block_committed:3"})
+    assert res.returncode != 0
+    (run_dir,) = [p for p in (tmp_path / "runs" / "demo").iterdir() if p.is_dir()]
+    (kv,) = list((run_dir / "stages" / "quantize.partial").rglob("side_quantized/kv.full_attention.k.bin"))
+    kv.write_bytes(kv.read_bytes()[:-4])
+    report = run_inprocess(args)
+    log = (run_dir / "run.log").read_text()
+    assert "committed block checkpoint damaged" in log and "kv.full_attention.k.bin" in log
+    assert tree_bytes(Path(report["export_dir"])) == clean

@@ -55,7 +55,7 @@ class UnitStore:
         info = dict(write(tmp) or {})
         info.setdefault("committed_at", time.time())
         info.setdefault("seconds", round(time.time() - started, 3))
-        info["files"] = records(tmp, [p.name for p in sorted(tmp.iterdir()) if p.is_file()])
+        info["files"] = records(tmp, [str(p.relative_to(tmp)) for p in sorted(tmp.rglob("*")) if p.is_file()])
         fault_point(f"{self.stage_name}.unit_written")
         write_json_atomic(tmp / UNIT_MANIFEST, info)
         publish_dir(tmp, self.root / key)
