@@ -68,7 +68,7 @@ def test_gemma4_low_memory_export_reloads_and_matches(kind, multimodal, layers, 
 
     model_dir = make_tiny_gemma4(tmp_path / "model", kind, layers=layers, multimodal=multimodal)
     report = run_inprocess(tiny_overrides(model_dir, tmp_path / "runs", "family=gemma4", "memory=low",
-                                          "quant.iters=10", "scheme=w4a16", "scheme.group_size=32"))
+                                          "quant.iters=4", "scheme=w4a16", "scheme.group_size=32"))
     export = Path(report["export_dir"])
     run_dir = Path(report["run_dir"])
     layers_q = quantized_layers(run_dir / "stages" / "quantize")

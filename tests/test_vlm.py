@@ -33,7 +33,7 @@ def test_vlm_low_memory_export_reloads_and_matches(kind, tmp_path):
 
     model_dir = make_tiny_vlm(tmp_path / "model", kind, layers=2)
     report = run_inprocess(tiny_overrides(model_dir, tmp_path / "runs", "family=vlm", "memory=low",
-                                          "quant.iters=10", "scheme=w4a16", "scheme.group_size=32"))
+                                          "quant.iters=4", "scheme=w4a16", "scheme.group_size=32"))
     export = Path(report["export_dir"])
     layers_q = quantized_layers(Path(report["run_dir"]) / "stages" / "quantize")
     config = json.loads((export / "config.json").read_text())
