@@ -67,3 +67,36 @@ def stage_status(report: dict) -> Dict[str, str]:
 
 def tree_bytes(folder: Path) -> Dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def checkpoint_tensors(folder: Path) -> Dict[str, "torch.Tensor"]:
+    """Every tensor of the safetensors shards in `folder`, by stored name."""
+    from safetensors import safe_open
+
+    out = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(shard), framework="pt") as f:
+            for key in f.keys():
+                out[key] = f.get_tensor(key)
+    return out
+
+
+def exports_by_mode(model: Path, root: Path, modes: Sequence[str], monkeypatch, *extra: str
+                    ) -> Tuple[Dict[str, Dict[str, bytes]], List[str]]:
+    """Run `model` once per memory mode; returns each export's files (name -> bytes) and the names of every
+    tensor the runs read from the shards."""
+    import qrunner.session
+
+    read: List[str] = []
+    original = qrunner.session.materialize_tensors
+
+    def recording(model, names, reader, dtype):
+        read.extend(names)
+        original(model, names, reader, dtype)
+
+    monkeypatch.setattr(qrunner.session, "materialize_tensors", recording)
+    exports = {}
+    for mode in modes:
+        report = run_inprocess(tiny_overrides(model, root / mode, f"memory={mode}", *extra))
+        exports[mode] = tree_bytes(Path(report["export_dir"]))
+    return exports, read

@@ -12,9 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 
-from conftest import run_inprocess, tiny_overrides
+from conftest import checkpoint_tensors, exports_by_mode, run_cli, run_inprocess, tiny_overrides, tree_bytes
 from qrunner.models.adapter import get_module
 from qrunner.models.registry import get_family
 from qrunner.stages.quantize import quantized_layers
@@ -29,21 +28,10 @@ KV_ARGS = ("family=gemma4", "quant.iters=4", "scheme.group_size=32")
 @pytest.fixture(scope="module")
 def ple_kv_clean(tmp_path_factory):
     """A 6-layer Gemma 4 with per-layer inputs and KV sharing, and the export of an uninterrupted run."""
-    from conftest import tree_bytes
-
     root = tmp_path_factory.mktemp("ple_kv")
     model_dir = make_tiny_gemma4(root / "model", "ple_kv", layers=6)
     clean = run_inprocess(tiny_overrides(model_dir, root / "clean", "memory=low", *KV_ARGS))
     return model_dir, tree_bytes(Path(clean["export_dir"]))
-
-
-def _tensors(folder: Path) -> dict:
-    out = {}
-    for shard in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(shard), framework="pt") as f:
-            for key in f.keys():
-                out[key] = f.get_tensor(key)
-    return out
 
 
 def _fake_quantized_source(model_dir: Path, layers, views: contextlib.ExitStack) -> torch.nn.Module:
@@ -83,7 +71,7 @@ def test_gemma4_low_memory_export_reloads_and_matches(kind, multimodal, layers, 
         assert f"{block_list}.5.self_attn.q_proj" in layers_q and f"{block_list}.5.self_attn.k_proj" not in layers_q
 
     # every tensor but the quantized layers' weights is the source's, byte for byte
-    source, exported = _tensors(model_dir), _tensors(export)
+    source, exported = checkpoint_tensors(model_dir), checkpoint_tensors(export)
     for key, tensor in source.items():
         module = key.rpartition(".")[0]
         if module in layers_q:
@@ -126,23 +114,8 @@ def test_gemma4_low_memory_export_reloads_and_matches(kind, multimodal, layers, 
 def test_gemma4_memory_modes_give_byte_identical_exports_and_never_read_the_towers(tmp_path, monkeypatch):
     """high, medium and low export the same bytes for a multimodal Gemma 4 with per-layer inputs and KV sharing
     (side values on disk in low, in RAM otherwise); the streaming modes never read the vision tower."""
-    import qrunner.session
-    from conftest import tree_bytes
-
     model_dir = make_tiny_gemma4(tmp_path / "model", "ple_kv", layers=6, multimodal=True)
-    read = []
-    original = qrunner.session.materialize_tensors
-
-    def recording(model, names, reader, dtype):
-        read.extend(names)
-        original(model, names, reader, dtype)
-
-    monkeypatch.setattr(qrunner.session, "materialize_tensors", recording)
-    exports = {}
-    for mode in ("high", "medium", "low"):
-        report = run_inprocess(tiny_overrides(model_dir, tmp_path / mode, "family=gemma4", f"memory={mode}",
-                                              "quant.iters=4", "scheme.group_size=32"))
-        exports[mode] = tree_bytes(Path(report["export_dir"]))
+    exports, read = exports_by_mode(model_dir, tmp_path, ("high", "medium", "low"), monkeypatch, *KV_ARGS)
     assert exports["high"] == exports["medium"] == exports["low"]
     assert read and not any(n.startswith(("model.vision_tower.", "model.embed_vision.")) for n in read)
 
@@ -150,8 +123,6 @@ def test_gemma4_memory_modes_give_byte_identical_exports_and_never_read_the_towe
 def test_gemma4_killed_after_the_kv_store_layers_resumes_with_identical_export(ple_kv_clean, tmp_path):
     """Killed once blocks 0-3 are committed (2 and 3 hand keys/values to the reuse layers 4 and 5): the restart
     resumes at block 5 with the committed side values and exports what an uninterrupted run exports."""
-    from conftest import run_cli, tree_bytes
-
     model_dir, clean = ple_kv_clean
     res = run_cli(tiny_overrides(model_dir, tmp_path / "killed", "memory=high", *KV_ARGS),
                   env={"QRUNNER_FAULT": "quantize.block_committed:3"})
@@ -167,8 +138,6 @@ def test_gemma4_killed_after_the_kv_store_layers_resumes_with_identical_export(p
 def test_damaged_shared_kv_rows_of_a_committed_block_are_detected_on_resume(ple_kv_clean, tmp_path):
     """The keys/values a committed store layer handed on are part of its checkpoint: truncated, they are named
     and quantization starts over instead of reading garbage; the export still equals a clean run's."""
-    from conftest import run_cli, tree_bytes
-
     model_dir, clean = ple_kv_clean
     args = tiny_overrides(model_dir, tmp_path / "runs", "memory=low", *KV_ARGS)
     res = run_cli([*args, "run.on_oom=fail"], env={"QRUNNER_FAULT": "quantize.block_committed:3"})

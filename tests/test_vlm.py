@@ -8,23 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 
-from conftest import run_inprocess, tiny_overrides
+from conftest import checkpoint_tensors, exports_by_mode, run_inprocess, tiny_overrides
 from qrunner.models.adapter import get_module
 from qrunner.stages.quantize import quantized_layers
 from tiny_models import VLM_KINDS, make_tiny_vlm
 
 pytest.importorskip("auto_round")
-
-
-def _tensors(folder: Path) -> dict:
-    out = {}
-    for shard in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(shard), framework="pt") as f:
-            for key in f.keys():
-                out[key] = f.get_tensor(key)
-    return out
 
 
 @pytest.mark.parametrize("kind", VLM_KINDS)
@@ -44,7 +34,7 @@ def test_vlm_low_memory_export_reloads_and_matches(kind, tmp_path):
         assert (export / name).read_bytes() == (model_dir / name).read_bytes(), name
 
     # the checkpoint's own tensor names are kept; everything but the quantized weights is byte-identical
-    source, exported = _tensors(model_dir), _tensors(export)
+    source, exported = checkpoint_tensors(model_dir), checkpoint_tensors(export)
     stored_q = {k.rpartition(".")[0] for k in exported if k.endswith(".qweight")}
     assert len(stored_q) == 14
     vision = [k for k in source if "vision" in k or "visual" in k or "projector" in k]
@@ -73,22 +63,7 @@ def test_vlm_low_memory_export_reloads_and_matches(kind, tmp_path):
 
 
 def test_vlm_memory_modes_give_byte_identical_exports_and_never_read_the_vision_tower(tmp_path, monkeypatch):
-    import qrunner.session
-    from conftest import tree_bytes
-
     model_dir = make_tiny_vlm(tmp_path / "model", "gemma3", layers=4)
-    read = []
-    original = qrunner.session.materialize_tensors
-
-    def recording(model, names, reader, dtype):
-        read.extend(names)
-        original(model, names, reader, dtype)
-
-    monkeypatch.setattr(qrunner.session, "materialize_tensors", recording)
-    exports = {}
-    for mode in ("high", "low"):
-        report = run_inprocess(tiny_overrides(model_dir, tmp_path / mode, "family=vlm", f"memory={mode}",
-                                              "quant.iters=4", "scheme.group_size=32"))
-        exports[mode] = tree_bytes(Path(report["export_dir"]))
+    exports, read = exports_by_mode(model_dir, tmp_path, ("high", "low"), monkeypatch, "family=vlm", "quant.iters=4")
     assert exports["high"] == exports["low"]
     assert read and not any(n.startswith(("model.vision_tower.", "model.multi_modal_projector.")) for n in read)

@@ -25,7 +25,7 @@ from qrunner.memory.activations import ActivationFile, BlockRows, Rows, TensorRo
 from qrunner.memory.monitor import current_rss_mb
 from qrunner.memory.trim import release_freed_memory
 from qrunner.pipeline.atomic import remove_tree
-from qrunner.models.adapter import LayerPlan, get_module
+from qrunner.models.adapter import HIDDEN, LayerPlan, get_module
 from qrunner.models.block_io import load_block_inputs, split_inputs
 from qrunner.pipeline.faults import fault_point
 from qrunner.pipeline.stage import Stage, StageContext, register_stage
@@ -35,7 +35,6 @@ from qrunner.quant.opt_rtn import ImportanceCollector, quantize_weighted_rtn
 from qrunner.quant.rtn import QuantizedWeight, quantize_rtn
 from qrunner.quant.scheme import QuantScheme
 from qrunner.stages.capture import open_side_rows
-from qrunner.models.adapter import HIDDEN
 
 QUANTIZED = "quantized.safetensors"
 # the next block's inputs, committed with each block as row files (.bin + .json)
@@ -175,9 +174,7 @@ class ChainRows:
         scratch.mkdir(parents=True)
 
     def new(self, name: str, like: Rows) -> Rows:
-        if self.on_disk:
-            return ActivationFile.create(self.scratch / name, len(like), like.row_shape, like.dtype)
-        return TensorRows.empty(len(like), like.row_shape, like.dtype)
+        return self.new_shaped(name, len(like), like.row_shape, like.dtype)
 
     def new_shaped(self, name: str, n: int, row_shape: Tuple[int, ...], dtype: torch.dtype) -> Rows:
         if self.on_disk:
@@ -185,8 +182,7 @@ class ChainRows:
         return TensorRows.empty(n, row_shape, dtype)
 
     def open(self, path: Path) -> Rows:
-        rows = ActivationFile.open(path)
-        return rows if self.on_disk else to_ram(rows)
+        return self.wrap(ActivationFile.open(path))
 
     def wrap(self, rows: Rows) -> Rows:
         """Rows as this mode reads them: from their file (low) or from RAM (read whole if on disk)."""
