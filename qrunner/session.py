@@ -140,13 +140,14 @@ class ModelSession:
             release_freed_memory()
 
     @contextmanager
-    def input_model(self) -> Iterator[nn.Module]:
+    def input_model(self, towers: bool = False) -> Iterator[nn.Module]:
         """The model able to run up to its first block (capture): in medium/low, only the modules before
-        the blocks (embeddings) are read; blocks and the output head stay on the meta device."""
+        the blocks (embeddings; the vision tower too with `towers`, for image samples) are read; blocks and the
+        output head stay on the meta device."""
         if not self.streams_blocks:
             yield self.model()
             return
-        names = self.adapter.input_tensor_names(self.skeleton, self.block_lists)
+        names = self.adapter.input_tensor_names(self.skeleton, self.block_lists, towers)
         # embedding tables are read by rows, only those of the ids looked up (see memory/embedding_rows.py)
         tables = [n for n, m in self.skeleton.named_modules()
                   if isinstance(m, nn.Embedding) and f"{n}.weight" in names]

@@ -8,16 +8,17 @@ files), `save_block_inputs`/`load_block_inputs` (each distinct shared value stor
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, List
+from typing import Any, Dict, List, Optional, Tuple
 
 import pytest
 import torch
 
-from qrunner.memory.activations import BlockRows, TensorRows
+from qrunner.memory.activations import TensorRows
 from qrunner.models.block_io import load_block_inputs, save_block_inputs
 from qrunner.models.registry import get_family
 from qrunner.stages.capture import capture_block_inputs
-from qrunner.stages.quantize import block_inputs, forward_rows
+from qrunner.stages.data import filled_to_seqlen, text_sample_inputs
+from qrunner.stages.quantize import block_inputs, forward_rows, open_block_rows
 from tiny_models import GEMMA4_KINDS, VLM_KINDS, make_tiny_gemma4, make_tiny_vlm
 
 SEQ = 40  # longer than the tiny models' sliding window (16): sliding and full masks differ
@@ -30,23 +31,24 @@ class _Session:
         self.adapter, self.hf_config = adapter, config
 
 
-def _reference_outputs(model: torch.nn.Module, blocks: List[torch.nn.Module], input_ids: torch.Tensor
-                       ) -> List[torch.Tensor]:
+def _reference_outputs(model: torch.nn.Module, blocks: List[torch.nn.Module], input_ids: torch.Tensor,
+                       extra: Optional[Dict[str, torch.Tensor]] = None) -> List[torch.Tensor]:
     outputs: List[torch.Tensor] = []
     hooks = [b.register_forward_hook(lambda m, a, o: outputs.append((o[0] if isinstance(o, tuple) else o).clone()))
              for b in blocks]
     try:
         with torch.no_grad():
-            model(input_ids=input_ids, use_cache=False)
+            model(input_ids=input_ids, use_cache=False, **(extra or {}))
     finally:
         for h in hooks:
             h.remove()
     return outputs
 
 
-def _check_blocks(family: str, model_dir: Path, tmp_path: Path) -> Dict[str, float]:
-    import transformers
-
+def _check_blocks(family: str, model_dir: Path, tmp_path: Path, images: Optional[str] = None
+                  ) -> Tuple[Dict[str, float], Dict[str, Any]]:
+    """Worst difference per block, and the per-sample row files the capture wrote. With `images` (a VLM kind),
+    samples 0 and 2 are image–text samples with images of different sizes, sample 1 is text only."""
     adapter = get_family(family)
     model = adapter.model_class(None).from_pretrained(model_dir, dtype=torch.float32)
     model.eval()
@@ -54,10 +56,19 @@ def _check_blocks(family: str, model_dir: Path, tmp_path: Path) -> Dict[str, flo
     blocks = [b for _, b in adapter.blocks(model, names)]
     torch.manual_seed(0)
     input_ids = torch.randint(1, 300, (3, SEQ))
-    reference = [_reference_outputs(model, blocks, input_ids[i:i + 1]) for i in range(len(input_ids))]
+    extras: List[Dict[str, torch.Tensor]] = [{}, {}, {}]
+    if images:
+        for i, size in ((0, (56, 84)), (2, (112, 56))):
+            encoded = _image_sample(images, adapter, model_dir, model.config, size, seed=i)
+            ids, extras[i] = filled_to_seqlen(encoded, input_ids[i], SEQ)
+            input_ids[i] = ids[0]
+            extras[i] = {k: v.float() if v.is_floating_point() else v for k, v in extras[i].items()}
+        extras[1] = {k.split(".", 1)[1]: v for k, v in
+                     text_sample_inputs({f"0.{k}": v for k, v in extras[0].items()}, [1], SEQ).items()}
+    reference = [_reference_outputs(model, blocks, input_ids[i:i + 1], extras[i]) for i in range(len(input_ids))]
 
     hidden, per_block, captured = capture_block_inputs(adapter, model, adapter.blocks(model, names), input_ids,
-                                                       tmp_path, "capture", False)
+                                                       tmp_path, "capture", False, extras.__getitem__)
     save_block_inputs(per_block, tmp_path)
     per_block = load_block_inputs(tmp_path, torch.float32)
     session = _Session(adapter, model.config)
@@ -68,15 +79,35 @@ def _check_blocks(family: str, model_dir: Path, tmp_path: Path) -> Dict[str, flo
         shared, reads = block_inputs(session, per_block, index)
         writes = adapter.side_io(model.config, index)[1]
         out = TensorRows.empty(len(x), x.row_shape, x.dtype)
-        side.update(forward_rows(adapter, block, BlockRows(x, {k: side[g] for k, g in reads.items()}), shared, out,
+        side.update(forward_rows(adapter, block, open_block_rows(x, reads, side.__getitem__), shared, out,
                                  writes, lambda n, count, shape, dtype: TensorRows.empty(count, shape, dtype)))
         expected = torch.cat([reference[i][index] for i in range(len(input_ids))])
         torch.testing.assert_close(out.tensor, expected, rtol=1e-5, atol=1e-5,
                                    msg=lambda m: f"block {index} of {model_dir.name}: {m}")
         worst[f"block {index}"] = float((out.tensor - expected).abs().max())
         x = out
-    del transformers
-    return worst
+    return worst, captured
+
+
+def _image_sample(kind: str, adapter: Any, model_dir: Path, config: Any, size: Tuple[int, int], seed: int
+                  ) -> Dict[str, torch.Tensor]:
+    """One image and prompt encoded as the data stage encodes them (the model's processor, or the Qwen fallback
+    without torchvision); Gemma 3's tiny model has no processor, so its inputs are built by hand: begin-of-image
+    token, the image's soft tokens (bidirectional attention among them via token_type_ids), end-of-image."""
+    generator = torch.Generator().manual_seed(seed)
+    if kind == "gemma3":
+        text = config.text_config
+        n = config.mm_tokens_per_image
+        ids = torch.tensor([[5, 6, config.boi_token_index] + [config.image_token_index] * n + [config.eoi_token_index,
+                                                                                              7]])
+        return {"input_ids": ids, "token_type_ids": (ids == config.image_token_index).long(),
+                "pixel_values": torch.rand(1, 3, 28, 28, generator=generator) * 2 - 1} if text else {}
+    from PIL import Image
+    from transformers import AutoTokenizer
+
+    pixels = (torch.rand(size[1], size[0], 3, generator=generator) * 255).to(torch.uint8).numpy()
+    encode = adapter.image_text_encoder(model_dir, AutoTokenizer.from_pretrained(model_dir), config, False)
+    return encode(Image.fromarray(pixels), "Describe this image.")
 
 
 @pytest.mark.parametrize("multimodal", [False, True], ids=["causal", "multimodal"])
@@ -84,12 +115,39 @@ def _check_blocks(family: str, model_dir: Path, tmp_path: Path) -> Dict[str, flo
 def test_gemma4_blocks_in_isolation_match_the_full_forward(kind, multimodal, tmp_path):
     layers = 6 if kind == "ple_kv" else 4
     model_dir = make_tiny_gemma4(tmp_path / "model", kind, layers=layers, multimodal=multimodal)
-    worst = _check_blocks("gemma4", model_dir, tmp_path / "capture")
+    worst, _ = _check_blocks("gemma4", model_dir, tmp_path / "capture")
     assert len(worst) == layers
 
 
 @pytest.mark.parametrize("kind", VLM_KINDS)
 def test_vlm_blocks_in_isolation_match_the_full_forward(kind, tmp_path):
     model_dir = make_tiny_vlm(tmp_path / "model", kind, layers=4)
-    worst = _check_blocks("vlm", model_dir, tmp_path / "capture")
+    worst, captured = _check_blocks("vlm", model_dir, tmp_path / "capture")
     assert len(worst) == 4
+    assert captured == {}  # text-only samples share every input but the hidden states
+
+
+# what image samples make per-sample, besides the hidden states (the rest stays shared)
+IMAGE_SAMPLE_ROWS = {
+    "qwen2_vl": {"position_embeddings"},  # M-RoPE positions follow the image grid
+    "qwen2_5_vl": {"position_embeddings"},
+    "qwen3_vl": {"position_embeddings", "added"},  # + deepstack features after layer 0
+    "llava": set(),  # image features only change the hidden states
+    "gemma3": {"attention_mask"},  # bidirectional attention among an image's tokens
+}
+
+
+@pytest.mark.parametrize("kind", VLM_KINDS)
+def test_vlm_blocks_in_isolation_match_the_full_forward_on_image_samples(kind, tmp_path):
+    model_dir = make_tiny_vlm(tmp_path / "model", kind, layers=4)
+    worst, captured = _check_blocks("vlm", model_dir, tmp_path / "capture", images=kind)
+    assert len(worst) == 4
+    assert {name.split(".")[0] for name in captured} == IMAGE_SAMPLE_ROWS[kind]
+    if kind == "qwen3_vl":
+        assert sorted(n for n in captured if n.startswith("added.")) == ["added.1"]  # one deepstack layer
+        added = captured["added.1"].read_all()
+        assert float(added[1].abs().max()) == 0.0 and float(added[0].abs().max()) > 0  # text sample adds nothing
+    # one rotary table (per attention type, Gemma 3: sliding and full) feeds every block: its rows are stored
+    # once, under the first block given it, not once per block
+    owners = {int(n.split(".")[1]) for n in captured if not n.startswith("added")}
+    assert owners <= ({0, 1} if kind == "gemma3" else {0})

@@ -29,11 +29,16 @@ def clean_export(tiny_llama, tmp_path_factory):
     return tree_bytes(Path(report["export_dir"]))
 
 
-# every stage boundary, inside a block's tuning, and in the middle of writing an artifact
+# every stage boundary, inside a block's tuning, and in the middle of writing an artifact; the default suite
+# runs one of each kind (inside tuning, after a block, before a stage publishes, mid-export), the rest with
+# `-m slow`
+_SLOW = pytest.mark.slow
 FAULTS = [
-    "load.committed", "data.before_publish", "capture.committed", "quantize.tuning:5",
-    "quantize.unit_written:1", "quantize.block_committed:2", "quantize.before_publish",
-    "export.shards_written", "export.committed", "evaluate.before_publish",
+    pytest.param("load.committed", marks=_SLOW), pytest.param("data.before_publish", marks=_SLOW),
+    pytest.param("capture.committed", marks=_SLOW), "quantize.tuning:5",
+    pytest.param("quantize.unit_written:1", marks=_SLOW), "quantize.block_committed:2", "quantize.before_publish",
+    "export.shards_written", pytest.param("export.committed", marks=_SLOW),
+    pytest.param("evaluate.before_publish", marks=_SLOW),
 ]
 
 

@@ -19,8 +19,6 @@ pytest.importorskip("auto_round")
 
 @pytest.mark.parametrize("kind", VLM_KINDS)
 def test_vlm_low_memory_export_reloads_and_matches(kind, tmp_path):
-    from transformers import AutoModelForImageTextToText
-
     model_dir = make_tiny_vlm(tmp_path / "model", kind, layers=2)
     report = run_inprocess(tiny_overrides(model_dir, tmp_path / "runs", "family=vlm", "memory=low",
                                           "quant.iters=4", "scheme=w4a16", "scheme.group_size=32"))
@@ -30,7 +28,10 @@ def test_vlm_low_memory_export_reloads_and_matches(kind, tmp_path):
     assert config["quantization_config"]["block_name_to_quantize"] == "model.language_model.layers"
     assert len(layers_q) == 14 and all(n.startswith("model.language_model.layers.") for n in layers_q)
     # processor, chat template and tokenizer files travel with the checkpoint
-    for name in ("preprocessor_config.json", "chat_template.jinja", "tokenizer.json", "generation_config.json"):
+    copied = {p.name for p in model_dir.iterdir() if p.suffix != ".safetensors" and p.name != "config.json"}
+    assert {"chat_template.jinja", "tokenizer.json", "generation_config.json"} <= copied
+    assert copied & {"preprocessor_config.json", "processor_config.json"}  # LLaVA's processor holds its config
+    for name in copied:
         assert (export / name).read_bytes() == (model_dir / name).read_bytes(), name
 
     # the checkpoint's own tensor names are kept; everything but the quantized weights is byte-identical
@@ -45,6 +46,16 @@ def test_vlm_low_memory_export_reloads_and_matches(kind, tmp_path):
         else:
             assert torch.equal(exported[key].view(torch.uint8), tensor.view(torch.uint8)), key
 
+    ids = torch.randint(1, 300, (2, 48), generator=torch.Generator().manual_seed(1))
+    assert_reload_matches(model_dir, export, layers_q, {"input_ids": ids}, kind)
+
+
+def assert_reload_matches(model_dir: Path, export: Path, layers_q, inputs, label: str) -> None:
+    """The export loads with transformers (+ auto-round) as the VLM it is, with no missing or unexpected key,
+    and computes on `inputs` what qrunner's fake-quantized model computes (to well within the quantization
+    change)."""
+    from transformers import AutoModelForImageTextToText
+
     loaded, info = AutoModelForImageTextToText.from_pretrained(export, dtype=torch.float32, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     assert type(get_module(loaded, next(iter(layers_q)))).__name__ != "Linear"
@@ -52,13 +63,12 @@ def test_vlm_low_memory_export_reloads_and_matches(kind, tmp_path):
     original = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
     for name, qw in layers_q.items():
         get_module(ours, name).weight.data = qw.dequantize(torch.float32)
-    ids = torch.randint(1, 300, (2, 48), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        got = loaded.eval()(input_ids=ids, use_cache=False).logits.float()  # auto-round's CPU backend: float16
-        want = ours(input_ids=ids, use_cache=False).logits
-        before = original(input_ids=ids, use_cache=False).logits
+        got = loaded.eval()(**inputs, use_cache=False).logits.float()  # auto-round's CPU backend: float16
+        want = ours(**inputs, use_cache=False).logits
+        before = original(**inputs, use_cache=False).logits
     loader_error, quantization_error = float((got - want).abs().max()), float((before - want).abs().max())
-    print(f"{kind}: loaded vs ours {loader_error:.2e}, ours vs original {quantization_error:.2e}")
+    print(f"{label}: loaded vs ours {loader_error:.2e}, ours vs original {quantization_error:.2e}")
     assert loader_error < 0.05 * quantization_error, (loader_error, quantization_error)
 
 

@@ -113,6 +113,8 @@ def make_tiny_gemma4(path: Path, kind: str = "dense", layers: int = 4, hidden: i
     return path
 
 
+# image placeholder tokens of the tiny VLMs' tokenizer (Qwen's and LLaVA's)
+_VLM_SPECIALS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>", "<image>")
 VLM_KINDS = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "gemma3")
 
 
@@ -124,40 +126,51 @@ def make_tiny_vlm(path: Path, kind: str = "qwen2_5_vl", layers: int = 2, hidden:
     import transformers
 
     tokenizer = tiny_tokenizer()
-    tokenizer.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    tokenizer.add_special_tokens({"additional_special_tokens": list(_VLM_SPECIALS)})
+    token = {t: tokenizer.convert_tokens_to_ids(t) for t in _VLM_SPECIALS}
+    placeholder = "<image>" if kind == "llava" else "<|vision_start|><|image_pad|><|vision_end|>"
+    tokenizer.chat_template = (
+        "{% for m in messages %}{{ m['role'] }}: {% if m['content'] is string %}{{ m['content'] }}{% else %}"
+        "{% for c in m['content'] %}{% if c['type'] == 'image' %}" + placeholder + "{% else %}{{ c['text'] }}"
+        "{% endif %}{% endfor %}{% endif %}\n{% endfor %}")
     v = 512
     text = dict(vocab_size=v, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                 num_attention_heads=4, num_key_value_heads=2, bos_token_id=tokenizer.eos_token_id,
                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id)
-    ids = dict(image_token_id=v - 1, video_token_id=v - 2, vision_start_token_id=v - 3, vision_end_token_id=v - 4)
+    ids = dict(image_token_id=token["<|image_pad|>"], video_token_id=token["<|video_pad|>"],
+               vision_start_token_id=token["<|vision_start|>"], vision_end_token_id=token["<|vision_end|>"])
+    qwen_pixels = dict(size={"shortest_edge": 56 * 56, "longest_edge": 112 * 112})
     if kind == "qwen2_vl":
         text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
         config = transformers.Qwen2VLConfig(
             text_config=text, vision_config=dict(depth=1, embed_dim=32, hidden_size=hidden, num_heads=2, mlp_ratio=2,
                                                  patch_size=14, spatial_merge_size=2), **ids)
-        processor = transformers.Qwen2VLImageProcessorPil()
+        processor = transformers.Qwen2VLImageProcessorPil(**qwen_pixels)
     elif kind == "qwen3_vl":
         text.update(head_dim=16, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                                   "mrope_section": [2, 3, 3], "mrope_interleaved": True})
         config = transformers.Qwen3VLConfig(
             text_config=text, vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2,
                                                  out_hidden_size=hidden, deepstack_visual_indexes=[0],
-                                                 num_position_embeddings=16), **ids)
-        processor = transformers.Qwen2VLImageProcessorPil()
+                                                 num_position_embeddings=16, patch_size=14), **ids)
+        processor = transformers.Qwen2VLImageProcessorPil(**qwen_pixels)
     elif kind == "qwen2_5_vl":
         text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
         config = transformers.Qwen2_5_VLConfig(
             text_config=text, vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2,
                                                  out_hidden_size=hidden, fullatt_block_indexes=[0], window_size=112),
             **ids)
-        processor = transformers.Qwen2VLImageProcessorPil()
+        processor = transformers.Qwen2VLImageProcessorPil(**qwen_pixels)
     elif kind == "llava":
         vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                                num_attention_heads=2, image_size=28, patch_size=14)
         config = transformers.LlavaConfig(text_config=transformers.LlamaConfig(**text), vision_config=vision,
-                                          image_token_index=v - 1, image_seq_length=4)
-        processor = transformers.CLIPImageProcessorPil(size={"shortest_edge": 28},
-                                                       crop_size={"height": 28, "width": 28})
+                                          image_token_index=token["<image>"], image_seq_length=4)
+        processor = transformers.LlavaProcessor(
+            image_processor=transformers.CLIPImageProcessorPil(size={"shortest_edge": 28},
+                                                               crop_size={"height": 28, "width": 28}),
+            tokenizer=tokenizer, chat_template=tokenizer.chat_template, patch_size=14,
+            vision_feature_select_strategy="default", num_additional_image_tokens=1)
     elif kind == "gemma3":
         vision = transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                                  num_attention_heads=2, image_size=28, patch_size=14)
@@ -179,3 +192,19 @@ def make_tiny_vlm(path: Path, kind: str = "qwen2_5_vl", layers: int = 2, hidden:
     tokenizer.save_pretrained(path)
     processor.save_pretrained(path)
     return path
+
+
+def write_images(folder: Path, sizes=((56, 84), (112, 56), (84, 84)), prompts=("What is in this picture?", None,
+                 "Describe the colours.")) -> Path:
+    """Random-noise PNG images of the given (width, height) sizes; an image with a prompt gets a same-named .txt
+    (the folder layout `data.images` reads)."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(len(sizes))
+    for i, ((w, h), prompt) in enumerate(zip(sizes, prompts)):
+        pixels = (torch.rand(h, w, 3, generator=generator) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(folder / f"image{i}.png")
+        if prompt:
+            (folder / f"image{i}.txt").write_text(prompt)
+    return folder

@@ -119,6 +119,12 @@ class DataConfig:
     # what to do with documents shorter than seqlen: concatenate all text, or drop them (count reported)
     short_samples: ShortSamples = ShortSamples.concat
     seed: int = 42
+    # image–text calibration (vision-language models): null = text only, or a local folder of images (prompt in
+    # a same-named .txt) or a .jsonl of {"image": path, "text": prompt}; image samples come first, text fills
+    # each to seqlen and makes up the rest of nsamples
+    images: Optional[str] = None
+    # prompt of an image that has none
+    image_prompt: str = "Describe this image."
 
 
 @dataclass

@@ -14,11 +14,12 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Dict, Iterator, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, Optional, Sequence, Tuple, Union
 
 import torch
 
-_DTYPES = {str(d).replace("torch.", ""): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.int64)}
+_DTYPES = {str(d).replace("torch.", ""): d
+           for d in (torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.bool)}
 Indices = Union[torch.Tensor, Sequence[int], range]
 
 
@@ -194,12 +195,32 @@ class ActivationFile:
 Rows = Union[TensorRows, ActivationFile]
 
 
+class ValueRows:
+    """A per-sample block input that is not a plain batch-first tensor, over row files that are: a tuple of
+    tensors (one row file per item), each with its batch dimension at `dim` (stored moved to the front)."""
+
+    def __init__(self, parts: Sequence[Rows], dim: int = 0, is_tuple: bool = False) -> None:
+        self.parts, self.dim, self.is_tuple = list(parts), int(dim), bool(is_tuple)
+
+    def __len__(self) -> int:
+        return len(self.parts[0])
+
+    def read(self, indices: Indices) -> Union[torch.Tensor, Tuple[torch.Tensor, ...]]:
+        values = tuple(p.read(indices).movedim(0, self.dim) for p in self.parts)
+        return values if self.is_tuple else values[0]
+
+
+# per-sample input added to a block's hidden states before it runs (what the model adds between blocks)
+ADDED = "added_to_hidden_states"
+
+
 class BlockRows:
     """One block's per-sample inputs read together: ``hidden_states`` plus named side rows (per-layer inputs,
-    keys/values shared from an earlier block). ``read`` returns a dict of mini-batch tensors by name."""
+    keys/values shared from an earlier block, positions of image samples). ``read`` returns a dict of mini-batch
+    values by name; rows named `ADDED` are added to the hidden states instead."""
 
-    def __init__(self, hidden: Rows, side: Optional[Dict[str, Rows]] = None, hidden_name: str = "hidden_states"
-                 ) -> None:
+    def __init__(self, hidden: Rows, side: Optional[Dict[str, Union[Rows, ValueRows]]] = None,
+                 hidden_name: str = "hidden_states") -> None:
         self.hidden, self.side, self.hidden_name = hidden, dict(side or {}), hidden_name
         for name, rows in self.side.items():
             if len(rows) != len(hidden):
@@ -208,8 +229,12 @@ class BlockRows:
     def __len__(self) -> int:
         return len(self.hidden)
 
-    def read(self, indices: Indices) -> Dict[str, torch.Tensor]:
-        return {self.hidden_name: self.hidden.read(indices), **{k: r.read(indices) for k, r in self.side.items()}}
+    def read(self, indices: Indices) -> Dict[str, Any]:
+        values = {k: r.read(indices) for k, r in self.side.items()}
+        hidden = self.hidden.read(indices)
+        if ADDED in values:
+            hidden = hidden + values.pop(ADDED).to(hidden.dtype)
+        return {self.hidden_name: hidden, **values}
 
 
 def batches(n: int, size: int) -> Iterator[range]:

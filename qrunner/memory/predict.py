@@ -9,8 +9,8 @@ dominates every mode:
   forward/backward activations;
 - `high`: plus the whole model in the compute dtype, and the four activation sets of the block
   (quantized-chain inputs, original-chain inputs, targets, outputs), each nsamples x seqlen x hidden;
-- `medium`: plus the larger of the input embeddings (capture) and the output head (evaluate), and the
-  four activation sets;
+- `medium`: plus the larger of the input embeddings (capture; with the vision tower for image–text
+  calibration) and the output head (evaluate), and the four activation sets;
 - `low`: plus the larger of the embeddings and the head; activations are read from disk per mini-batch.
 """
 from __future__ import annotations
@@ -42,7 +42,8 @@ def predict_peaks_mb(cfg: Any, session: Any) -> Dict[str, float]:
     block_params = max(sum(p.numel() for p in b.parameters()) for _, b in blocks)
     largest_layer = max((p.numel() for _, b in blocks for p in b.parameters() if p.dim() >= 2), default=0)
     total = sum(p.numel() for p in model.parameters())
-    edge = max(_numel(model, adapter.input_tensor_names(model, session.block_lists)),
+    # image–text calibration runs the vision tower during capture: it is read with the embeddings
+    edge = max(_numel(model, adapter.input_tensor_names(model, session.block_lists, bool(cfg.data.images))),
                _numel(model, adapter.head_tensor_names(model)))
 
     q = cfg.quant

@@ -5,6 +5,7 @@ import inspect
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, ClassVar, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -159,10 +160,10 @@ class FamilyAdapter:
     def heads(self, model: nn.Module) -> List[str]:
         return [p for p in self.head_modules if _get(model, p) is not None]
 
-    def input_tensor_names(self, model: nn.Module, block_lists: Sequence[str]) -> List[str]:
-        """Tensors the forward pass needs up to the first block: everything but the blocks, the head and the
-        modules a text-only forward does not use."""
-        skip = tuple(f"{p}." for p in (*block_lists, *self.heads(model), *self.unused_modules))
+    def input_tensor_names(self, model: nn.Module, block_lists: Sequence[str], towers: bool = False) -> List[str]:
+        """Tensors the forward pass needs up to the first block: everything but the blocks, the head and, unless
+        `towers` (image–text calibration), the modules a text-only forward does not use."""
+        skip = tuple(f"{p}." for p in (*block_lists, *self.heads(model), *(() if towers else self.unused_modules)))
         return [n for n in module_tensor_names(model) if not n.startswith(skip)]
 
     def head_tensor_names(self, model: nn.Module) -> List[str]:
@@ -190,14 +191,17 @@ class FamilyAdapter:
         """The config of the decoder stack (the text config of a multimodal model)."""
         return getattr(config, "text_config", None) or config
 
-    def capture_block_inputs(self, model: nn.Module, blocks: Sequence[nn.Module], input_ids: torch.Tensor
-                             ) -> Tuple[torch.Tensor, List[Dict[str, Any]]]:
+    def capture_block_inputs(self, model: nn.Module, blocks: Sequence[nn.Module], input_ids: torch.Tensor,
+                             extra: Optional[Dict[str, torch.Tensor]] = None
+                             ) -> Tuple[torch.Tensor, List[Dict[str, Any]], List[Optional[torch.Tensor]]]:
         """Run the model on one sample with every block replaced by a recorder that hands its hidden states on
         unchanged. Returns block 0's hidden states and, for every block, the other inputs the model gives it, by
-        parameter name (positional arguments included). No block weight is touched, so the blocks may be on the
-        meta device; the forward stops after the last block."""
+        parameter name (positional arguments included), and what the model adds to the hidden states between
+        blocks (None for most blocks; Qwen3-VL's deepstack adds visual features after its first layers): block
+        b's input is block b-1's output plus that. No block weight is touched, so the blocks may be on the meta
+        device; the forward stops after the last block. `extra` holds further model inputs (pixel values)."""
         records: List[Dict[str, Any]] = []
-        first: Dict[str, torch.Tensor] = {}
+        hiddens: List[torch.Tensor] = []
 
         def recorder(index: int, block: nn.Module):
             signature = inspect.signature(type(block).forward)
@@ -216,8 +220,7 @@ class FamilyAdapter:
                         values.pop(name, None)
                 hidden_name = list(signature.parameters)[1]
                 hidden = values.pop(hidden_name)
-                if index == 0:
-                    first["hidden"] = hidden.detach()
+                hiddens.append(hidden.detach())
                 records.append({k: v for k, v in values.items() if k not in self.dropped_block_kwargs})
                 if index == len(blocks) - 1:
                     raise StopForward
@@ -229,7 +232,7 @@ class FamilyAdapter:
             block.forward = recorder(i, block)
         try:
             with torch.no_grad():
-                model(input_ids=input_ids, use_cache=False)
+                model(input_ids=input_ids, use_cache=False, **(extra or {}))
         except StopForward:
             pass
         finally:
@@ -238,7 +241,27 @@ class FamilyAdapter:
         if len(records) != len(blocks):
             raise RuntimeError(f"the forward pass of {type(model).__name__} reached {len(records)} of its "
                                f"{len(blocks)} blocks")
-        return first["hidden"], records
+        added: List[Optional[torch.Tensor]] = [None]
+        for before, after in zip(hiddens, hiddens[1:]):
+            added.append(None if after is before or torch.equal(after, before) else after - before)
+        return hiddens[0], records, added
+
+    # ---- image–text calibration -------------------------------------------------------------
+    def image_text_encoder(self, model_dir: Path, tokenizer: Any, config: Any, trust_remote_code: bool
+                           ) -> Callable[[Any, str], Dict[str, torch.Tensor]]:
+        """A function turning (PIL image, prompt) into the model's inputs for one sample (`input_ids`,
+        `pixel_values`, ...), through the model's own processor and chat template."""
+        from transformers import AutoProcessor
+
+        try:
+            processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+        except Exception as e:  # noqa: BLE001 - any failure is reported with the model path and the reason
+            raise UserError(f"data.images needs the model's processor, which did not load from {model_dir}: "
+                            f"{type(e).__name__}: {e}") from None
+        if getattr(processor, "image_processor", None) is None:
+            raise UserError(f"data.images: {model_dir} has no image processor (preprocessor_config.json); it is not "
+                            "a vision-language checkpoint. Calibrate on text only (unset data.images).")
+        return lambda image, prompt: encode_with_processor(processor, image, prompt)
 
     def side_io(self, config: Any, index: int) -> Tuple[Dict[str, str], Dict[str, str]]:
         """Per-sample values a block hands to later blocks other than its output (e.g. shared keys/values):
@@ -256,6 +279,24 @@ class FamilyAdapter:
 
 
 HIDDEN = "hidden_states"
+
+
+def image_prompt_messages(prompt: str) -> List[Dict[str, Any]]:
+    """One user turn holding an image and the prompt, as chat templates of vision-language models take it."""
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+
+
+def encode_with_processor(processor: Any, image: Any, prompt: str) -> Dict[str, torch.Tensor]:
+    """The processor's inputs for one image and prompt (chat template applied when the processor has one)."""
+    if getattr(processor, "chat_template", None):
+        text = processor.apply_chat_template(image_prompt_messages(prompt), tokenize=False)
+    elif getattr(processor, "image_token", None):
+        text = f"{processor.image_token}{prompt}"
+    else:
+        raise UserError(f"data.images: {type(processor).__name__} has neither a chat template nor an image token "
+                        "to place the image in the prompt.")
+    out = processor(images=[image], text=[text], return_tensors="pt")
+    return {k: v for k, v in out.items() if isinstance(v, torch.Tensor) and k != "attention_mask"}
 
 
 def _get(root: nn.Module, dotted: str) -> Optional[nn.Module]:

@@ -11,10 +11,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Tuple
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from qrunner.memory.activations import ValueRows
 
 TENSORS = "shared.safetensors"
 LAYOUT = "shared.json"
@@ -22,9 +24,23 @@ LAYOUT = "shared.json"
 
 @dataclass(frozen=True)
 class SampleRows:
-    """A block input kept per sample: the name of its row file (one row per calibration sample)."""
+    """A block input kept per sample: the name of its row file (one row per calibration sample). A tuple of
+    tensors (`parts` > 0) is kept in the row files `name.0`, `name.1`, ...; a tensor whose batch dimension is
+    not the first (`dim`) is stored with it moved to the front."""
 
     name: str
+    parts: int = 0
+    dim: int = 0
+
+    def files(self) -> List[str]:
+        return [f"{self.name}.{k}" for k in range(self.parts)] if self.parts else [self.name]
+
+    def open(self, rows_named: Callable[[str], Any]) -> Any:
+        """The rows that read this input back, from `rows_named(row file name)`."""
+        parts = [rows_named(f) for f in self.files()]
+        if not self.parts and not self.dim:
+            return parts[0]
+        return ValueRows(parts, self.dim, is_tuple=bool(self.parts))
 
 
 def same_value(a: Any, b: Any) -> bool:
@@ -64,7 +80,7 @@ def save_block_inputs(per_block: List[Dict[str, Any]], folder: Path) -> None:
             raise TypeError(f"input {key!r} of block {index} ({type(value).__name__}) cannot be stored; the family "
                             "adapter must drop it or rebuild it in run_block")
         if kind == "rows":
-            return {"rows": value.name}
+            return {"rows": value.name, "parts": value.parts, "dim": value.dim}
         if kind == "value":
             return {"value": value}
         for vid, seen in enumerate(uniques):
@@ -106,14 +122,14 @@ def load_block_inputs(folder: Path, dtype: torch.dtype | None = None) -> List[Di
         if "ref" in entry:
             return loaded[entry["ref"]]
         if "rows" in entry:
-            return SampleRows(entry["rows"])
+            return SampleRows(entry["rows"], entry.get("parts", 0), entry.get("dim", 0))
         return entry["value"]
 
     return [{key: value(entry) for key, entry in block.items()} for block in layout["blocks"]]
 
 
-def split_inputs(inputs: Dict[str, Any]) -> Tuple[Dict[str, Any], Dict[str, str]]:
-    """(shared inputs, {input name: row file name}) of one block."""
+def split_inputs(inputs: Dict[str, Any]) -> Tuple[Dict[str, Any], Dict[str, SampleRows]]:
+    """(shared inputs, {input name: its per-sample rows}) of one block."""
     shared = {k: v for k, v in inputs.items() if not isinstance(v, SampleRows)}
-    rows = {k: v.name for k, v in inputs.items() if isinstance(v, SampleRows)}
+    rows = {k: v for k, v in inputs.items() if isinstance(v, SampleRows)}
     return shared, rows

@@ -10,12 +10,12 @@ from tqdm import tqdm
 
 from qrunner.data_sources import concatenated_windows, read_documents, tokenize_documents
 from qrunner.errors import UserError
-from qrunner.memory.activations import BlockRows, batches
+from qrunner.memory.activations import batches
 from qrunner.models.adapter import get_module
 from qrunner.pipeline.stage import Stage, StageContext, register_stage
 from qrunner.stages.capture import capture_block_inputs
 from qrunner.stages.quantize import (ChainRows, QuantizedLayers, block_inputs, fake_quantized, forward_rows,
-                                     quantized_layers)
+                                     open_block_rows, quantized_layers)
 
 
 def perplexity(model: torch.nn.Module, windows: torch.Tensor, batch_size: int, desc: str, show: bool) -> float:
@@ -105,11 +105,19 @@ def streamed_perplexities(ctx: StageContext, windows: torch.Tensor, layers: Quan
     for index in tqdm(range(len(session.block_names())), desc="eval blocks", unit="block", disable=not show):
         shared, reads = block_inputs(session, per_block, index)
         writes = adapter.side_io(session.hf_config, index)[1]
+        wrapped: Dict[int, Any] = {}  # captured rows both chains read: read into RAM (medium) once
+
+        def rows_named(name: str, chain: str) -> Any:
+            rows = side[chain][name]
+            if id(rows) not in wrapped:
+                wrapped[id(rows)] = chains.wrap(rows)
+            return wrapped[id(rows)]
+
         with session.block(index) as (name, block):
             y = {}
             for chain, rows in x.items():
                 y[chain] = chains.new(f"{chain}_{index}", rows)
-                src = BlockRows(rows, {k: chains.wrap(side[chain][g]) for k, g in reads.items()})
+                src = open_block_rows(rows, reads, lambda g, c=chain: rows_named(g, c))
                 new = lambda n, *a, c=chain: chains.new_shaped(f"{c}_{n}", *a)  # noqa: E731
                 context = (fake_quantized(block, name, layers.in_block(name)) if chain == "quantized"
                            else contextlib.nullcontext())

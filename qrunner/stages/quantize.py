@@ -26,7 +26,7 @@ from qrunner.memory.monitor import current_rss_mb
 from qrunner.memory.trim import release_freed_memory
 from qrunner.pipeline.atomic import remove_tree
 from qrunner.models.adapter import HIDDEN, LayerPlan, get_module
-from qrunner.models.block_io import load_block_inputs, split_inputs
+from qrunner.models.block_io import SampleRows, load_block_inputs, split_inputs
 from qrunner.pipeline.faults import fault_point
 from qrunner.pipeline.stage import Stage, StageContext, register_stage
 from qrunner.pipeline.status import report_status
@@ -264,8 +264,8 @@ class QuantizeStage(Stage):
             generator = torch.Generator().manual_seed(block_seed(cfg.quant.seed, index))
             shared, reads = block_inputs(session, per_block, index)
             writes = session.adapter.side_io(session.hf_config, index)[1]
-            src_fp = BlockRows(x_fp, {k: chains.wrap(side_fp[g]) for k, g in reads.items()})
-            src_q = BlockRows(x_q, {k: chains.wrap(side_q[g]) for k, g in reads.items()})
+            src_fp = open_block_rows(x_fp, reads, lambda g: chains.wrap(side_fp[g]))
+            src_q = open_block_rows(x_q, reads, lambda g: chains.wrap(side_q[g]))
             with session.block(index) as (name, block):
                 target = chains.new("target", x_fp)
                 target_side = forward_rows(session.adapter, block, src_fp, shared, target, writes,
@@ -390,12 +390,18 @@ class QuantizeStage(Stage):
         return rtn, {"rtn_weights": None}
 
 
-def block_inputs(session: Any, per_block: List[Dict[str, Any]], index: int) -> Tuple[Dict[str, Any], Dict[str, str]]:
-    """Block `index`'s shared inputs and its per-sample inputs (local name -> rows name): those captured for
-    it and the side values earlier blocks hand to it."""
+def block_inputs(session: Any, per_block: List[Dict[str, Any]], index: int
+                 ) -> Tuple[Dict[str, Any], Dict[str, SampleRows]]:
+    """Block `index`'s shared inputs and its per-sample inputs (local name -> rows): those captured for it and
+    the side values earlier blocks hand to it."""
     shared, reads = split_inputs(per_block[index])
-    reads.update(session.adapter.side_io(session.hf_config, index)[0])
+    reads.update({k: SampleRows(g) for k, g in session.adapter.side_io(session.hf_config, index)[0].items()})
     return shared, reads
+
+
+def open_block_rows(hidden: Rows, reads: Dict[str, SampleRows], rows_named: Callable[[str], Any]) -> BlockRows:
+    """A block's per-sample inputs: `hidden` plus the rows `reads` names, found by `rows_named(file name)`."""
+    return BlockRows(hidden, {k: spec.open(rows_named) for k, spec in reads.items()})
 
 
 def _chain_files() -> List[str]:
