@@ -37,7 +37,8 @@ class FamilyAdapter:
     """Subclasses describe a family as data (block lists, model types) plus small hooks."""
 
     name: ClassVar[str]
-    stages: ClassVar[Tuple[str, ...]]
+    # the pipeline the family runs (stage names; the runner orders them by what each needs)
+    stages: ClassVar[Tuple[str, ...]] = ("load", "data", "capture", "quantize", "export", "evaluate")
     model_types: ClassVar[Tuple[str, ...]]
     # candidate module-list paths holding the decoder blocks, tried in order
     block_list_candidates: ClassVar[Tuple[str, ...]]

@@ -73,7 +73,6 @@ class UnfusedExperts(nn.ModuleList):
 
 class Gemma4Adapter(FamilyAdapter):
     name = "gemma4"
-    stages = ("load", "data", "capture", "quantize", "export", "evaluate")
     model_types = ("gemma4", "gemma4_text")
     block_list_candidates = ("model.language_model.layers", "model.layers")
     head_modules = ("model.language_model.norm", "model.norm", "lm_head")

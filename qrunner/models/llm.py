@@ -8,7 +8,6 @@ from qrunner.models.adapter import FamilyAdapter
 
 class LlmAdapter(FamilyAdapter):
     name = "llm"
-    stages = ("load", "data", "capture", "quantize", "export", "evaluate")
     model_types = ("llama", "mistral", "qwen2", "qwen3")
     block_list_candidates = ("model.layers",)
     head_modules = ("model.norm", "lm_head")

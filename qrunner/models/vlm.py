@@ -26,7 +26,6 @@ QWEN_IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
 
 class VlmAdapter(FamilyAdapter):
     name = "vlm"
-    stages = ("load", "data", "capture", "quantize", "export", "evaluate")
     model_types = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "gemma3")
     block_list_candidates = ("model.language_model.layers",)
     head_modules = ("model.language_model.norm", "lm_head")
