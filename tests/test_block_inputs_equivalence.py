@@ -45,7 +45,7 @@ def _reference_outputs(model: torch.nn.Module, blocks: List[torch.nn.Module], in
     return outputs
 
 
-def _check_blocks(family: str, model_dir: Path, tmp_path: Path, images: Optional[str] = None
+def _check_blocks(family: str, model_dir: Path, tmp_path: Path, images: Optional[str] = None, seq: int = SEQ
                   ) -> Tuple[Dict[str, float], Dict[str, Any]]:
     """Worst difference per block, and the per-sample row files the capture wrote. With `images` (a VLM kind),
     samples 0 and 2 are image–text samples with images of different sizes, sample 1 is text only."""
@@ -55,17 +55,19 @@ def _check_blocks(family: str, model_dir: Path, tmp_path: Path, images: Optional
     names = adapter.block_lists(model, [])
     blocks = [b for _, b in adapter.blocks(model, names)]
     torch.manual_seed(0)
-    input_ids = torch.randint(1, 300, (3, SEQ))
+    input_ids = torch.randint(1, 300, (3, seq))
     extras: List[Dict[str, torch.Tensor]] = [{}, {}, {}]
     if images:
         for i, size in ((0, (56, 84)), (2, (112, 56))):
             encoded = _image_sample(images, adapter, model_dir, model.config, size, seed=i)
-            ids, extras[i] = filled_to_seqlen(encoded, input_ids[i], SEQ)
+            ids, extras[i] = filled_to_seqlen(encoded, input_ids[i], seq)
             input_ids[i] = ids[0]
             extras[i] = {k: v.float() if v.is_floating_point() else v for k, v in extras[i].items()}
         extras[1] = {k.split(".", 1)[1]: v for k, v in
-                     text_sample_inputs({f"0.{k}": v for k, v in extras[0].items()}, [1], SEQ).items()}
+                     text_sample_inputs({f"0.{k}": v for k, v in extras[0].items()}, [1], seq).items()}
     reference = [_reference_outputs(model, blocks, input_ids[i:i + 1], extras[i]) for i in range(len(input_ids))]
+    if images:  # the image inputs reach the decoder: without them sample 0's first block computes otherwise
+        assert not torch.allclose(_reference_outputs(model, blocks, input_ids[:1])[0], reference[0][0])
 
     hidden, per_block, captured = capture_block_inputs(adapter, model, adapter.blocks(model, names), input_ids,
                                                        tmp_path, "capture", False, extras.__getitem__)
@@ -95,6 +97,16 @@ def _image_sample(kind: str, adapter: Any, model_dir: Path, config: Any, size: T
     without torchvision); Gemma 3's tiny model has no processor, so its inputs are built by hand: begin-of-image
     token, the image's soft tokens (bidirectional attention among them via token_type_ids), end-of-image."""
     generator = torch.Generator().manual_seed(seed)
+    if kind == "gemma4":  # Gemma 4's image processor (PIL), then begin-of-image, one token per soft token, end
+        import transformers
+        from PIL import Image
+
+        pixels = (torch.rand(size[1] // 4, size[0] // 4, 3, generator=generator) * 255).to(torch.uint8).numpy()
+        processor = transformers.Gemma4ImageProcessorPil(max_soft_tokens=70, patch_size=4, pooling_kernel_size=2)
+        image = processor(images=[Image.fromarray(pixels)], return_tensors="pt")
+        n = int(image.pop("num_soft_tokens_per_image")[0])
+        ids = torch.tensor([[5, 6, config.boi_token_id] + [config.image_token_id] * n + [config.eoi_token_id, 7]])
+        return {"input_ids": ids, "mm_token_type_ids": (ids == config.image_token_id).long(), **image}
     if kind == "gemma3":
         text = config.text_config
         n = config.mm_tokens_per_image
@@ -117,6 +129,20 @@ def test_gemma4_blocks_in_isolation_match_the_full_forward(kind, multimodal, tmp
     model_dir = make_tiny_gemma4(tmp_path / "model", kind, layers=layers, multimodal=multimodal)
     worst, _ = _check_blocks("gemma4", model_dir, tmp_path / "capture")
     assert len(worst) == layers
+
+
+@pytest.mark.parametrize("kind, bidirectional", [("dense", "vision"), ("ple_kv", None)])
+def test_gemma4_multimodal_blocks_match_on_image_samples(kind, bidirectional, tmp_path):
+    """Image–text samples for Gemma4ForConditionalGeneration (inputs built with Gemma 4's image processor). With
+    `use_bidirectional_attention="vision"` (the larger Gemma 4 models) an image's tokens attend to each other,
+    so the masks of image samples differ from text samples' and are stored per sample."""
+    layers = 6 if kind == "ple_kv" else 4
+    model_dir = make_tiny_gemma4(tmp_path / "model", kind, layers=layers, multimodal=True,
+                                 use_bidirectional_attention=bidirectional)
+    worst, captured = _check_blocks("gemma4", model_dir, tmp_path / "capture", images="gemma4", seq=96)
+    assert len(worst) == layers
+    per_sample = {name.split(".")[0] for name in captured}
+    assert per_sample == ({"attention_mask"} if bidirectional else {"per_layer_input"})
 
 
 @pytest.mark.parametrize("kind", VLM_KINDS)
