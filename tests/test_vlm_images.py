@@ -94,7 +94,8 @@ def test_image_pairs_from_a_folder_and_jsonl(tmp_path):
     jsonl = tmp_path / "pairs.jsonl"
     jsonl.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     pairs = read_image_pairs(str(jsonl), "default")
-    assert [(p.image, p.prompt) for p in pairs] == [(folder / "image2.png", "first"), (folder / "image0.png", "default")]
+    assert [(p.image, p.prompt) for p in pairs] == [(folder / "image2.png", "first"),
+                                                     (folder / "image0.png", "default")]
 
 
 @pytest.mark.parametrize("content, message", [

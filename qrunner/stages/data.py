@@ -71,7 +71,8 @@ class DataStage(Stage):
                                                     bool(ctx.cfg.model.trust_remote_code))
         seqlen = int(d.seqlen)
         rows, extras = [], {}
-        for i, pair in enumerate(tqdm(pairs, desc="image samples", unit="image", disable=not ctx.cfg.run.show_progress)):
+        show = bool(ctx.cfg.run.show_progress)
+        for i, pair in enumerate(tqdm(pairs, desc="image samples", unit="image", disable=not show)):
             inputs = encode(open_image(pair), pair.prompt)
             if inputs["input_ids"].shape[1] > seqlen:
                 raise UserError(f"data.images: {pair.image} with its prompt is {inputs['input_ids'].shape[1]} tokens "

@@ -346,9 +346,15 @@ class QuantizeStage(Stage):
                         generator: torch.Generator, bar: Any) -> Tuple[Dict[str, QuantizedWeight], Dict[str, Any]]:
         cfg, adapter = ctx.cfg, ctx.session.adapter
         rel = {p.name: p.name[len(block_name) + 1:] for p in plans}
-        rtn = {p.name: quantize_rtn(get_module(block, rel[p.name]).weight.detach().float(), layer_scheme(p))
-               for p in plans}
-        release_freed_memory()
+
+        def rtn_weights() -> Dict[str, QuantizedWeight]:
+            """Plain RTN codes (the weights do not change while tuning, so these are the same before and after);
+            made after tuning so that they are not held through it."""
+            codes = {p.name: quantize_rtn(get_module(block, rel[p.name]).weight.detach().float(), layer_scheme(p))
+                     for p in plans}
+            release_freed_memory()
+            return codes
+
         if settings.iters > 0:
             def forward(b: torch.nn.Module, x: Dict[str, torch.Tensor]) -> torch.Tensor:
                 return adapter.run_block(b, x, shared)[0]
@@ -376,9 +382,9 @@ class QuantizeStage(Stage):
                     retries.append({"micro_batch": settings.batch_size, "retry_micro_batch": smaller.batch_size})
                     settings = smaller
             weights = {f"{block_name}.{k}": v for k, v in result.weights.items()}
-            return weights, {"rtn_weights": rtn, "best_iter": result.best_iter, "first_loss": result.first_loss,
-                             "best_loss": result.best_loss, "tune_seconds": round(result.seconds, 3),
-                             "oom_retries": retries}
+            return weights, {"rtn_weights": rtn_weights(), "best_iter": result.best_iter,
+                             "first_loss": result.first_loss, "best_loss": result.best_loss,
+                             "tune_seconds": round(result.seconds, 3), "oom_retries": retries}
         if cfg.quant.opt_rtn:
             modules = {p.name: get_module(block, rel[p.name]) for p in plans}
             with ImportanceCollector(modules) as collector, torch.no_grad():
@@ -386,8 +392,8 @@ class QuantizeStage(Stage):
                     adapter.run_block(block, x_q.read(r), shared)
             weights = {n: quantize_weighted_rtn(m.weight.detach().float(), layer_scheme(p), collector.importance[n])
                        for (n, m), p in zip(modules.items(), plans)}
-            return weights, {"rtn_weights": rtn}
-        return rtn, {"rtn_weights": None}
+            return weights, {"rtn_weights": rtn_weights()}
+        return rtn_weights(), {"rtn_weights": None}
 
 
 def block_inputs(session: Any, per_block: List[Dict[str, Any]], index: int
