@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -55,13 +55,20 @@ def same_value(a: Any, b: Any) -> bool:
     return type(a) is type(b) and a == b
 
 
+def tensor_parts(value: Any) -> Optional[List[torch.Tensor]]:
+    """The tensors of a block input that is a tensor or a tuple of tensors (what can be stored), else None."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)) and value and all(isinstance(v, torch.Tensor) for v in value):
+        return list(value)
+    return None
+
+
 def _kind(value: Any) -> str:
     if isinstance(value, SampleRows):
         return "rows"
-    if isinstance(value, torch.Tensor):
-        return "tensor"
-    if isinstance(value, (tuple, list)) and value and all(isinstance(v, torch.Tensor) for v in value):
-        return "tuple"
+    if tensor_parts(value) is not None:
+        return "tensor" if isinstance(value, torch.Tensor) else "tuple"
     if value is None or isinstance(value, (bool, int, float, str)):
         return "value"
     return ""

@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from qrunner.memory.activations import ADDED, ActivationFile
 from qrunner.models.adapter import HIDDEN
-from qrunner.models.block_io import SampleRows, same_value, save_block_inputs
+from qrunner.models.block_io import SampleRows, same_value, save_block_inputs, tensor_parts
 from qrunner.pipeline.stage import Stage, StageContext, register_stage
 from qrunner.stages.data import SAMPLES, ImageInputs
 
@@ -112,7 +112,7 @@ class SampleInputs:
         seen: Dict[Tuple[int, ...], Tuple[int, str]] = {}
         for b, values in enumerate(per_block):
             for key, value in sorted(values.items()):
-                tensors = _tensors(value)
+                tensors = tensor_parts(value)
                 if tensors is None:
                     continue
                 lead = seen.setdefault(tuple(id(t) for t in tensors), (b, key))
@@ -124,11 +124,11 @@ class SampleInputs:
         rows 0..i-1 get the first sample's value."""
         b, key = lead
         first, value = self.shared[b].get(key), per_block[b].get(key)
-        if lead not in self.members or _tensors(value) is None:
+        if lead not in self.members or tensor_parts(value) is None:
             raise RuntimeError(f"input {key!r} of block {self.block_names[b]} differs between calibration samples "
                                f"and is not a tensor or tuple of tensors; the family adapter must rebuild it in "
                                f"run_block or drop it")
-        parts = _tensors(value)
+        parts = tensor_parts(value)
         dims = {next((d for d, s in enumerate(t.shape) if s == 1), None) for t in parts}
         if len(dims) != 1 or None in dims:
             raise RuntimeError(f"input {key!r} of block {self.block_names[b]} differs between calibration samples "
@@ -139,7 +139,7 @@ class SampleInputs:
             self.files[name] = ActivationFile.create(self.folder / name, self.n,
                                                      tuple(t.movedim(dim, 0).shape[1:]), t.dtype)
         if i:
-            old = _tensors(first)
+            old = tensor_parts(first)
             if old is None or [t.shape for t in old] != [t.shape for t in parts]:
                 raise RuntimeError(f"input {key!r} of block {self.block_names[b]} changes its shape between "
                                    "calibration samples; use samples of one length (data.seqlen)")
@@ -158,17 +158,8 @@ class SampleInputs:
             if not same_value(per_block[mb].get(mkey), value):
                 raise RuntimeError(f"blocks {self.block_names[b]} and {self.block_names[mb]} were given one "
                                    f"{key!r} for the first calibration sample but differ for sample {i}")
-        for name, t in zip(spec.files(), _tensors(value)):
+        for name, t in zip(spec.files(), tensor_parts(value)):
             self.files[name].write(i, t.movedim(spec.dim, 0))
-
-
-def _tensors(value: Any) -> Optional[List[torch.Tensor]]:
-    """The tensors of a block input that can be stored per sample (a tensor or a tuple of tensors), else None."""
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, (tuple, list)) and value and all(isinstance(v, torch.Tensor) for v in value):
-        return list(value)
-    return None
 
 
 def open_side_rows(folder: Path, sub: str = SIDE) -> Dict[str, ActivationFile]:
