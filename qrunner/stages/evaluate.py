@@ -105,19 +105,12 @@ def streamed_perplexities(ctx: StageContext, windows: torch.Tensor, layers: Quan
     for index in tqdm(range(len(session.block_names())), desc="eval blocks", unit="block", disable=not show):
         shared, reads = block_inputs(session, per_block, index)
         writes = adapter.side_io(session.hf_config, index)[1]
-        wrapped: Dict[int, Any] = {}  # captured rows both chains read: read into RAM (medium) once
-
-        def rows_named(name: str, chain: str) -> Any:
-            rows = side[chain][name]
-            if id(rows) not in wrapped:
-                wrapped[id(rows)] = chains.wrap(rows)
-            return wrapped[id(rows)]
-
+        wrap = chains.reader()
         with session.block(index) as (name, block):
             y = {}
             for chain, rows in x.items():
                 y[chain] = chains.new(f"{chain}_{index}", rows)
-                src = open_block_rows(rows, reads, lambda g, c=chain: rows_named(g, c))
+                src = open_block_rows(rows, reads, lambda g, c=chain: wrap(side[c][g]))
                 new = lambda n, *a, c=chain: chains.new_shaped(f"{c}_{n}", *a)  # noqa: E731
                 context = (fake_quantized(block, name, layers.in_block(name)) if chain == "quantized"
                            else contextlib.nullcontext())

@@ -188,6 +188,18 @@ class ChainRows:
         """Rows as this mode reads them: from their file (low) or from RAM (read whole if on disk)."""
         return rows if self.on_disk else to_ram(rows)
 
+    def reader(self) -> Callable[[Rows], Rows]:
+        """`wrap` for one block's use, once per rows object: rows both chains read (the captured inputs) come
+        into RAM once (medium), not once per chain."""
+        seen: Dict[int, Tuple[Rows, Rows]] = {}
+
+        def wrap(rows: Rows) -> Rows:
+            if id(rows) not in seen:
+                seen[id(rows)] = (rows, self.wrap(rows))  # the source is kept so that its id stays its own
+            return seen[id(rows)][1]
+
+        return wrap
+
     def drop(self, rows: Rows) -> None:
         if isinstance(rows, ActivationFile):
             rows.unlink()
@@ -264,8 +276,9 @@ class QuantizeStage(Stage):
             generator = torch.Generator().manual_seed(block_seed(cfg.quant.seed, index))
             shared, reads = block_inputs(session, per_block, index)
             writes = session.adapter.side_io(session.hf_config, index)[1]
-            src_fp = open_block_rows(x_fp, reads, lambda g: chains.wrap(side_fp[g]))
-            src_q = open_block_rows(x_q, reads, lambda g: chains.wrap(side_q[g]))
+            wrap = chains.reader()
+            src_fp = open_block_rows(x_fp, reads, lambda g: wrap(side_fp[g]))
+            src_q = open_block_rows(x_q, reads, lambda g: wrap(side_q[g]))
             with session.block(index) as (name, block):
                 target = chains.new("target", x_fp)
                 target_side = forward_rows(session.adapter, block, src_fp, shared, target, writes,
