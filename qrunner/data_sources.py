@@ -35,11 +35,13 @@ def _split_paragraphs(text: str) -> List[str]:
     return docs
 
 
-def read_documents(source: str, fmt: str, text_field: str, purpose: str) -> Tuple[List[str], str]:
+def read_documents(source: str, fmt: str, text_field: str, purpose: str, split_paragraphs: bool = False
+                   ) -> Tuple[List[str], str]:
     """Documents as strings, and a description of where they came from.
 
-    A .txt file is split into documents at blank lines; JSONL, parquet and datasets folders give one
-    document per record, read from the `text_field` column.
+    A text file (the bundled corpora too) is one document, its text as it is, unless `split_paragraphs`
+    splits it at blank lines; JSONL, parquet and datasets folders give one document per record, read from
+    the `text_field` column.
     """
     fmt = fmt.value if hasattr(fmt, "value") else str(fmt)
     path = asset(BUILTIN[purpose]) if source == "builtin" else Path(source).expanduser()
@@ -47,7 +49,8 @@ def read_documents(source: str, fmt: str, text_field: str, purpose: str) -> Tupl
     key = "data.source" if purpose == "calibration" else "eval.source"
     try:
         if kind == "text":
-            docs = _split_paragraphs(path.read_text(encoding="utf-8"))
+            text = path.read_text(encoding="utf-8")
+            docs = _split_paragraphs(text) if split_paragraphs else [text]
         elif kind == "jsonl":
             docs = []
             with open(path, encoding="utf-8") as f:
@@ -89,18 +92,46 @@ def _field(record: Any, text_field: str, where: str, key: str) -> str:
 
 
 def tokenize_documents(tokenizer: Any, docs: List[str]) -> List[List[int]]:
+    """Each document's tokens on its own (no special tokens)."""
     return tokenizer(docs, add_special_tokens=False, verbose=False)["input_ids"]
 
 
-def concatenated_windows(token_docs: List[List[int]], seqlen: int, separator: int | None) -> torch.Tensor:
-    """One token stream (documents joined by the separator token), cut into non-overlapping windows."""
-    stream: List[int] = []
-    for ids in token_docs:
-        stream.extend(ids)
-        if separator is not None:
-            stream.append(separator)
+EOS = "eos"  # the separator value that puts the tokenizer's end-of-text token between documents
+
+
+def token_stream(tokenizer: Any, docs: List[str], separator: str, key: str) -> List[int]:
+    """All documents as one token stream, the standard way perplexity is measured (GPTQ, transformers'
+    perplexity guide): the texts joined with `separator` and tokenized once, with the special tokens the
+    tokenizer adds by itself (a BOS at the start of the stream for Llama-style tokenizers, nothing for others).
+    `separator="eos"` instead tokenizes each document on its own and puts the end-of-text token between them
+    (for a corpus of unrelated documents, as models are pretrained on them)."""
+    if separator == EOS:
+        eos = tokenizer.eos_token_id
+        if eos is None:
+            raise UserError(f"{key}=eos: the tokenizer has no end-of-text token; use a text separator "
+                            "such as the default blank line")
+        stream: List[int] = []
+        for ids in tokenize_documents(tokenizer, docs):
+            stream.extend(ids)
+            stream.append(eos)
+        return stream
+    return tokenizer(separator.join(docs), verbose=False)["input_ids"]
+
+
+def stream_windows(stream: List[int], seqlen: int) -> torch.Tensor:
+    """The stream cut into non-overlapping windows of seqlen tokens (a shorter tail is left out)."""
     n = len(stream) // seqlen
     return torch.tensor(stream[: n * seqlen], dtype=torch.long).view(n, seqlen)
+
+
+def text_windows(tokenizer: Any, section: Any, purpose: str) -> Tuple[torch.Tensor, int, str]:
+    """Non-overlapping `seqlen` windows of the configured text (`section` is cfg.data or cfg.eval), the number
+    of documents read, and where they came from."""
+    key = "data" if purpose == "calibration" else "eval"
+    docs, origin = read_documents(section.source, section.format, section.text_field, purpose,
+                                  bool(section.split_paragraphs))
+    stream = token_stream(tokenizer, docs, str(section.separator), f"{key}.separator")
+    return stream_windows(stream, int(section.seqlen)), len(docs), origin
 
 
 def long_document_windows(token_docs: List[List[int]], seqlen: int, generator: torch.Generator

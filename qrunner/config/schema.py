@@ -114,6 +114,11 @@ class DataConfig:
     source: str = "builtin"
     format: DataFormat = DataFormat.auto
     text_field: str = "text"
+    # between documents (JSONL/parquet/datasets records): the text joined with this string and tokenized once
+    # (default: a blank line, the standard perplexity convention), or "eos" for the tokenizer's end-of-text token
+    separator: str = "\n\n"
+    # split a text file into documents at blank lines (default: a text file is one document, as it is)
+    split_paragraphs: bool = False
     nsamples: int = 128
     seqlen: int = 2048
     # what to do with documents shorter than seqlen: concatenate all text, or drop them (count reported)
@@ -134,6 +139,9 @@ class EvalConfig:
     source: str = "builtin"
     format: DataFormat = DataFormat.auto
     text_field: str = "text"
+    # as data.separator / data.split_paragraphs
+    separator: str = "\n\n"
+    split_paragraphs: bool = False
     seqlen: int = 256
     # number of non-overlapping windows evaluated (0 = all)
     nsamples: int = 32

@@ -10,7 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from qrunner.data_sources import concatenated_windows, long_document_windows, read_documents, tokenize_documents
+from qrunner.data_sources import long_document_windows, read_documents, text_windows, tokenize_documents
 from qrunner.errors import UserError
 from qrunner.image_pairs import open_image, read_image_pairs
 from qrunner.pipeline.stage import Stage, StageContext, register_stage
@@ -23,25 +23,26 @@ IMAGE_INPUTS = "image_inputs.safetensors"  # "<sample>.<input name>" -> tensor, 
 class DataStage(Stage):
     name = "data"
     needs = ("load",)
-    reads = ("data.source", "data.format", "data.text_field", "data.nsamples", "data.seqlen",
-             "data.short_samples", "data.seed", "data.images", "data.image_prompt")
-    version = 2
+    reads = ("data.source", "data.format", "data.text_field", "data.separator", "data.split_paragraphs",
+             "data.nsamples", "data.seqlen", "data.short_samples", "data.seed", "data.images", "data.image_prompt")
+    version = 3
     description = "calibration token windows"
 
     def run(self, ctx: StageContext) -> Dict[str, Any]:
         d = ctx.cfg.data
         tokenizer = ctx.session.tokenizer
-        docs, origin = read_documents(d.source, d.format, d.text_field, "calibration")
-        token_docs = tokenize_documents(tokenizer, docs)
         generator = torch.Generator().manual_seed(int(d.seed))
         mode = d.short_samples.value if hasattr(d.short_samples, "value") else str(d.short_samples)
         dropped = 0
         if mode == "concat":
-            windows = concatenated_windows(token_docs, d.seqlen, tokenizer.eos_token_id)
+            windows, documents, origin = text_windows(tokenizer, d, "calibration")
         else:
-            windows, dropped = long_document_windows(token_docs, d.seqlen, generator)
+            docs, origin = read_documents(d.source, d.format, d.text_field, "calibration", bool(d.split_paragraphs))
+            documents = len(docs)
+            windows, dropped = long_document_windows(tokenize_documents(tokenizer, docs), d.seqlen, generator)
             if dropped:
-                ctx.log.warning("data: dropped %d of %d documents shorter than seqlen=%d", dropped, len(docs), d.seqlen)
+                ctx.log.warning("data: dropped %d of %d documents shorter than seqlen=%d", dropped, documents,
+                                d.seqlen)
         if len(windows) == 0:
             raise UserError(f"data.source={d.source!r} gives no sample of data.seqlen={d.seqlen} tokens "
                             f"(short_samples={mode}); lower data.seqlen or use data.short_samples=concat.")
@@ -58,7 +59,7 @@ class DataStage(Stage):
         save_file({"input_ids": chosen.contiguous()}, str(ctx.out / SAMPLES), metadata={"format": "pt"})
         ctx.log.info("data: %d samples x %d tokens from %s%s", len(chosen), d.seqlen, origin,
                      f" ({images} image samples from {d.images})" if images else "")
-        return {"samples": len(chosen), "seqlen": int(d.seqlen), "documents": len(docs),
+        return {"samples": len(chosen), "seqlen": int(d.seqlen), "documents": documents,
                 "dropped_short_documents": dropped, "windows_available": len(windows), "origin": origin,
                 "image_samples": images}
 

@@ -8,7 +8,7 @@ from typing import Any, Dict
 import torch
 from tqdm import tqdm
 
-from qrunner.data_sources import concatenated_windows, read_documents, tokenize_documents
+from qrunner.data_sources import text_windows
 from qrunner.errors import UserError
 from qrunner.memory.activations import batches
 from qrunner.models.adapter import get_module
@@ -35,8 +35,7 @@ def perplexity(model: torch.nn.Module, windows: torch.Tensor, batch_size: int, d
 
 def evaluation_windows(cfg: Any, tokenizer: Any) -> torch.Tensor:
     e = cfg.eval
-    docs, _ = read_documents(e.source, e.format, e.text_field, "evaluation")
-    windows = concatenated_windows(tokenize_documents(tokenizer, docs), int(e.seqlen), tokenizer.eos_token_id)
+    windows = text_windows(tokenizer, e, "evaluation")[0]
     if len(windows) == 0:
         raise UserError(f"eval.source={e.source!r} has fewer than eval.seqlen={e.seqlen} tokens; lower eval.seqlen")
     return windows if e.nsamples == 0 else windows[: e.nsamples]
@@ -46,9 +45,9 @@ def evaluation_windows(cfg: Any, tokenizer: Any) -> torch.Tensor:
 class EvaluateStage(Stage):
     name = "evaluate"
     needs = ("load", "quantize")
-    reads = ("eval.enabled", "eval.source", "eval.format", "eval.text_field", "eval.seqlen", "eval.nsamples",
-             "eval.original", "model.compute_dtype")
-    version = 1
+    reads = ("eval.enabled", "eval.source", "eval.format", "eval.text_field", "eval.separator",
+             "eval.split_paragraphs", "eval.seqlen", "eval.nsamples", "eval.original", "model.compute_dtype")
+    version = 2
     description = "perplexity, original vs quantized"
 
     def estimate_bytes(self, cfg: Any, session: Any) -> int:
