@@ -421,3 +421,48 @@ def test_importance_collector_accumulates_mean_square_per_input_channel():
     assert col.counts["0"] == 29
     with pytest.raises(TypeError):
         ImportanceCollector({"relu": block[1]})
+
+
+# --- a group size that does not divide in_features (shorter last group) -----------------------
+
+
+@pytest.mark.parametrize("bits,sym", [(2, True), (4, False), (4, True)])
+def test_weighted_rtn_short_last_group_equals_its_groups_quantized_alone(bits, sym):
+    """Per group, the search sees only the group's real columns: the padded columns of the short group add
+    no error, so in=192, g=128 gives what the 128 and the 64 columns give quantized on their own."""
+    g = torch.Generator().manual_seed(bits + sym)
+    w = torch.randn(40, 192, generator=g) * 0.05
+    imp = _skewed_importance(192, seed=bits)
+    imp[150:] = 0  # a partly dead short group
+    s = QuantScheme(bits, 128, sym)
+    qw = quantize_weighted_rtn(w, s, imp)
+    assert qw.scale.shape == (40, 2) and qw.q.shape == (40, 192)
+    full = quantize_weighted_rtn(w[:, :128], s, imp[:128])
+    short = quantize_weighted_rtn(w[:, 128:], QuantScheme(bits, -1, sym), imp[128:])
+    assert torch.equal(qw.q, torch.cat([full.q, short.q], dim=1))
+    assert torch.equal(qw.scale, torch.cat([full.scale, short.scale], dim=1))
+    assert torch.equal(qw.zero, torch.cat([full.zero, short.zero], dim=1))
+    assert torch.all(weighted_error(w, qw.dequantize(), imp) <= weighted_error(w, quantize_rtn(w, s).dequantize(), imp)
+                     * (1 + 1e-6))
+    best = search_scale_factors(w, s, imp)
+    assert best.shape == (40, 2)
+
+
+def test_tuning_a_layer_with_a_short_last_group():
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.Linear(64, 96), nn.SiLU(), nn.Linear(96, 64))  # "2": in 96 = 64 + a group of 32
+    with torch.no_grad():
+        for p in block.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.1)
+    block.eval()
+    x, y = _data(block, n=16)
+    layers = {"0": QuantScheme(2, 64, True), "2": QuantScheme(2, 64, False)}
+    wrapped = _TunedLinear(block[2], layers["2"], minmax_tuning=True)
+    assert wrapped.v.shape == (64, 96) and wrapped.min_scale.shape == (64, 2)
+    res = tune_block(block, layers, x, y, _forward, TuneSettings(iters=60, batch_size=16, keep_params=True), _gen(0))
+    qw = res.weights["2"]
+    assert qw.scale.shape == (64, 2) and qw.q.shape == (64, 96)
+    assert (res.params["2"]["v"][:, 64:] != 0).any()  # the short group's offsets were tuned
+    _assert_qw_equal({"2": quantize(block[2].weight, layers["2"], **res.params["2"])}, {"2": qw})
+    assert _full_mse(block, res.weights, x, y) < _full_mse(block, _rtn(block, layers), x, y)

@@ -99,11 +99,69 @@ def test_all_zero_groups_are_finite(sym):
     assert qw.q[0].tolist() == qw.zero[0, :1].repeat(16).tolist()  # codes sit at the zero point
 
 
-def test_group_size_must_divide_in_features():
-    with pytest.raises(ValueError, match="not divisible"):
-        quantize_rtn(torch.randn(4, 48), QuantScheme(4, 32, True))
-    with pytest.raises(ValueError):
-        quant_dequant(torch.randn(4, 16), QuantScheme(4, 32, False))  # in < group_size
+# --- a group size that does not divide in_features: a shorter last group --------------------
+
+
+def _by_hand(qw: QuantizedWeight, g: int) -> torch.Tensor:
+    """``scale[j] * (q[i] - zero[j])`` for input channel i in group j = i // g, element by element."""
+    out, n = qw.q.shape
+    ref = torch.empty(out, n)
+    for r in range(out):
+        for i in range(n):
+            ref[r, i] = float(qw.scale[r, i // g]) * (int(qw.q[r, i]) - int(qw.zero[r, i // g]))
+    return ref
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("sym", [True, False])
+def test_short_last_group_in_192_group_128(bits, sym):
+    torch.manual_seed(bits + 10 * sym)
+    w = torch.randn(6, 192) * 0.05
+    w[0, 128:] = 0.0  # an all-zero short group stays finite and exact
+    qw = quantize_rtn(w, QuantScheme(bits, 128, sym))
+    assert qw.q.shape == (6, 192) and qw.scale.shape == qw.zero.shape == (6, 2)  # ceil(192 / 128) groups
+    # the full group is what quantizing its 128 columns alone gives, the short one the remaining 64 columns as one group
+    full = quantize_rtn(w[:, :128], QuantScheme(bits, 128, sym))
+    short = quantize_rtn(w[:, 128:], QuantScheme(bits, -1, sym))
+    assert torch.equal(qw.q[:, :128], full.q) and torch.equal(qw.scale[:, :1], full.scale)
+    assert torch.equal(qw.q[:, 128:], short.q) and torch.equal(qw.scale[:, 1:], short.scale)
+    assert torch.equal(qw.zero, torch.cat([full.zero, short.zero], dim=1))
+    assert torch.equal(qw.dequantize(), _by_hand(qw, 128))
+    assert torch.equal(qw.dequantize()[0, 128:], torch.zeros(64))
+    wq, scale, zero, q = quant_dequant(w, QuantScheme(bits, 128, sym))
+    assert wq.shape == q.shape == (6, 192) and scale.shape == (6, 2)
+    assert torch.equal(qw.dequantize(), wq)
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_group_larger_than_the_row_is_one_group_per_row(sym):
+    torch.manual_seed(5)
+    w = torch.randn(4, 64)
+    qw = quantize_rtn(w, QuantScheme(4, 128, sym))
+    per_row = quantize_rtn(w, QuantScheme(4, -1, sym))
+    assert qw.scale.shape == (4, 1) and qw.group_size == 128
+    assert torch.equal(qw.q, per_row.q) and torch.equal(qw.scale, per_row.scale) and torch.equal(qw.zero, per_row.zero)
+    assert torch.equal(qw.dequantize(), _by_hand(qw, 128)) and torch.equal(qw.dequantize(), per_row.dequantize())
+
+
+def test_short_group_tuning_params_act_on_real_columns_only():
+    torch.manual_seed(6)
+    w = torch.randn(8, 96)
+    s = QuantScheme(4, 64, False)
+    v = torch.zeros(8, 96, requires_grad=True)
+    mn = torch.ones(8, 2, requires_grad=True)
+    mx = torch.ones(8, 2, requires_grad=True)
+    wq, scale, _, _ = quant_dequant(w, s, v=v, min_scale=mn, max_scale=mx)
+    assert wq.shape == (8, 96) and scale.shape == (8, 2)
+    ((wq - w) ** 2).sum().backward()
+    assert v.grad.shape == (8, 96) and mn.grad.shape == mx.grad.shape == (8, 2)
+    assert (mn.grad[:, 1] != 0).any() and (mx.grad[:, 1] != 0).any()  # the short group's range is tuned too
+    # offsets in the short group move only its codes
+    shifted = quantize(w, s, v=torch.cat([torch.zeros(8, 64), torch.full((8, 32), 0.49)], dim=1))
+    base = quantize_rtn(w, s)
+    assert torch.equal(shifted.q[:, :64], base.q[:, :64]) and (shifted.q[:, 64:] != base.q[:, 64:]).any()
+    with pytest.raises(ValueError):  # groups that do not fit the row
+        QuantizedWeight(base.q, base.scale[:, :1], base.zero[:, :1], 4, 64, False).dequantize()
 
 
 # --- bounds / consistency ----------------------------------------------------------------------
@@ -193,6 +251,34 @@ def test_matches_auto_round_quant_functions(bits, sym):
         scale_dtype=torch.float16, q_scale_thresh=1e-5,
     )
     wq, scale, zero, q = quant_dequant(w, QuantScheme(bits, g, sym), v=v, min_scale=mn, max_scale=mx)
+    assert torch.equal(wq, ref_wq)
+    assert torch.equal(scale, ref_scale.reshape(out, -1).float())
+    if not sym:
+        assert torch.equal(zero, ref_zp.reshape(out, -1).float())
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("inn", [192, 64], ids=["short-last-group", "group-beyond-row"])
+def test_short_groups_match_auto_round_quant_functions(bits, sym, inn):
+    """AutoRound pads the last group with zeros (``reshape_pad_tensor_by_group_size``; a row shorter than the
+    group is one group), its ``v`` in the padded shape; qrunner's ``v`` covers the real columns only."""
+    ar_int = pytest.importorskip("auto_round.data_type.int")
+    torch.manual_seed(bits + 10 * sym + inn)
+    out, g = 16, 128
+    n_groups = -(-inn // g)
+    w = torch.randn(out, inn) * 0.02
+    v = torch.rand(out, inn) - 0.5
+    mn = 0.6 + 0.4 * torch.rand(out, n_groups)
+    mx = 0.6 + 0.4 * torch.rand(out, n_groups)
+    padded_v = torch.nn.functional.pad(v, (0, n_groups * g - inn)) if inn > g else v
+    fn = ar_int.quant_tensor_sym if sym else ar_int.quant_tensor_asym
+    ref_wq, ref_scale, ref_zp = fn(
+        w, bits=bits, group_size=g, v=padded_v.reshape(out * n_groups, -1), min_scale=mn.reshape(-1),
+        max_scale=mx.reshape(-1), scale_dtype=torch.float16, q_scale_thresh=1e-5,
+    )
+    wq, scale, zero, q = quant_dequant(w, QuantScheme(bits, g, sym), v=v, min_scale=mn, max_scale=mx)
+    assert ref_wq.shape == wq.shape == (out, inn)
     assert torch.equal(wq, ref_wq)
     assert torch.equal(scale, ref_scale.reshape(out, -1).float())
     if not sym:

@@ -147,11 +147,8 @@ class _TunedLinear(nn.Module):
         self.scheme = scheme
         weight = linear.weight.detach()
         out_features, in_features = weight.shape
-        n_groups = scheme.n_groups(in_features)
-        if in_features % scheme.effective_group_size(in_features) != 0:
-            raise ValueError(
-                f"in_features={in_features} is not divisible by group_size={scheme.group_size}"
-            )
+        n_groups = scheme.n_groups(in_features)  # ceil: a group size not dividing in leaves a shorter last group
+        # v covers the real weight only: quant_dequant pads it with zeros where it pads the weight
         self.v = nn.Parameter(torch.zeros(out_features, in_features, dtype=torch.float32, device=weight.device))
         if minmax_tuning:
             ones = torch.ones(out_features, n_groups, dtype=torch.float32, device=weight.device)

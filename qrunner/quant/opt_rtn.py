@@ -37,7 +37,7 @@ from typing import Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from qrunner.quant.rtn import Q_SCALE_THRESH, QuantizedWeight, to_quantized_weight
+from qrunner.quant.rtn import Q_SCALE_THRESH, QuantizedWeight, group_layout, pad_columns, to_quantized_weight
 from qrunner.quant.scheme import QuantScheme
 
 __all__ = [
@@ -63,13 +63,12 @@ def autoround_factor_range(bits: int) -> tuple[float, float]:
 
 
 def _grouped(weight: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
+    """``[out, n_groups, g]``; a shorter last group is zero-padded (no effect on ranges, codes or errors)."""
     if weight.dim() != 2:
         raise ValueError(f"expected a 2-D weight [out, in], got shape {tuple(weight.shape)}")
     out, in_features = weight.shape
-    g = scheme.effective_group_size(in_features)
-    if in_features % g != 0:
-        raise ValueError(f"in_features={in_features} is not divisible by group_size={scheme.group_size}")
-    return weight.to(torch.float32).reshape(out, in_features // g, g)
+    g, n_groups, pad = group_layout(in_features, scheme)
+    return pad_columns(weight.to(torch.float32), pad).reshape(out, n_groups, g)
 
 
 def _qparams(w: torch.Tensor, scheme: QuantScheme, f: torch.Tensor | float):
@@ -101,13 +100,14 @@ def _codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, lo: int, hi
     return torch.clamp(torch.round(w / scale) + zero, lo, hi)
 
 
-def _group_importance(importance: torch.Tensor, in_features: int, g: int) -> torch.Tensor:
+def _group_importance(importance: torch.Tensor, in_features: int, n_groups: int, g: int) -> torch.Tensor:
     imp = importance.detach().to(torch.float32).reshape(-1)
     if imp.numel() != in_features:
         raise ValueError(f"importance has {imp.numel()} entries, the weight has {in_features} input channels")
     if not torch.isfinite(imp).all():
         raise ValueError("importance contains NaN or inf")
-    imp = imp.clamp(min=0).reshape(1, in_features // g, g)
+    # padded channels (weight 0, quantized exactly to 0) get importance 0: they add no error
+    imp = pad_columns(imp.clamp(min=0).reshape(1, in_features), n_groups * g - in_features).reshape(1, n_groups, g)
     dead = imp.sum(dim=-1, keepdim=True) <= 0
     return torch.where(dead, torch.ones_like(imp), imp)
 
@@ -143,7 +143,7 @@ def search_scale_factors(
     """
     w_all = _grouped(weight, scheme)
     out, n_groups, g = w_all.shape
-    imp = _group_importance(importance, n_groups * g, g)
+    imp = _group_importance(importance, weight.shape[1], n_groups, g)
     if factors is not None:
         cands = [float(f) for f in factors]
         if any(not (f > 0) for f in cands):
@@ -188,9 +188,8 @@ def quantize_with_factors(weight: torch.Tensor, scheme: QuantScheme, factors: to
     out, n_groups, g = w.shape
     f = factors.to(torch.float32).reshape(out, n_groups, 1)
     scale, zero, lo, hi = _qparams(w, scheme, f)
-    q = _codes(w, scale, zero, lo, hi)
-    return to_quantized_weight(q.reshape(out, n_groups * g), scale.reshape(out, n_groups),
-                               zero.reshape(out, n_groups), scheme)
+    q = _codes(w, scale, zero, lo, hi).reshape(out, n_groups * g)[:, : weight.shape[1]]
+    return to_quantized_weight(q, scale.reshape(out, n_groups), zero.reshape(out, n_groups), scheme)
 
 
 def quantize_weighted_rtn(

@@ -11,6 +11,12 @@ Conventions (weight ``w`` of shape ``[out, in]``, groups of ``g`` input channels
 
 ``wmin = min(w, 0) * min_scale`` and ``wmax = max(w, 0) * max_scale``, both ranges include 0.
 
+A group size that does not divide ``in`` leaves a shorter last group (``ceil(in / g)`` groups,
+as AutoRound's ``reshape_pad_tensor_by_group_size``): the input dimension is zero-padded to a
+multiple of ``g`` and the padding sliced off again. Since every range includes 0, the padding
+changes no group's ``wmin``/``wmax``; padded positions get ``v = 0`` and never reach the result
+(nor, through it, any gradient). A dividing group size takes exactly the unpadded path.
+
 The scale is rounded to float16 *before* ``q`` is computed (as AutoRound does with
 ``scale_dtype=float16``), so the float16 scale stored in a checkpoint reproduces
 exactly the values used here and ``QuantizedWeight.dequantize()`` equals ``w_hat``.
@@ -23,12 +29,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from qrunner.quant.scheme import QuantScheme
 
 __all__ = [
     "Q_SCALE_THRESH",
     "QuantizedWeight",
+    "group_layout",
+    "pad_columns",
     "quant_dequant",
     "quantize",
     "quantize_rtn",
@@ -74,21 +83,35 @@ class QuantizedWeight:
         return int(self.scale.shape[1])
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """``scale * (q - zero)`` per group, computed in float32 from the fp16 scale, then cast."""
-        g = self.in_features // self.n_groups
-        scale = self.scale.to(torch.float32).repeat_interleave(g, dim=1)
-        zero = self.zero.to(torch.float32).repeat_interleave(g, dim=1)
+        """``scale * (q - zero)`` per group, computed in float32 from the fp16 scale, then cast.
+
+        Input channel ``i`` belongs to group ``i // group_size`` (the last group may be shorter).
+        """
+        n_in, n_groups = self.in_features, self.n_groups
+        g = n_in // n_groups if self.group_size <= 0 else self.group_size
+        if -(-n_in // g) != n_groups:
+            raise ValueError(f"{n_groups} groups do not fit in_features={n_in} with group_size={self.group_size}")
+        scale, zero = self.scale.to(torch.float32), self.zero.to(torch.float32)
+        if n_in == g * n_groups:
+            scale, zero = scale.repeat_interleave(g, dim=1), zero.repeat_interleave(g, dim=1)
+        else:  # a shorter last group
+            index = torch.arange(n_in, device=scale.device) // g
+            scale, zero = scale[:, index], zero[:, index]
         return (scale * (self.q.to(torch.float32) - zero)).to(dtype)
 
 
-def _group_size(in_features: int, scheme: QuantScheme) -> int:
+def group_layout(in_features: int, scheme: QuantScheme) -> tuple[int, int, int]:
+    """``(g, n_groups, pad)``: group size, ``ceil(in / g)`` groups, zero columns padding ``in`` to ``g * n_groups``."""
+    if in_features <= 0:
+        raise ValueError(f"in_features must be positive, got {in_features}")
     g = scheme.effective_group_size(in_features)
-    if in_features % g != 0:
-        raise ValueError(
-            f"in_features={in_features} is not divisible by group_size={scheme.group_size}; "
-            "leave this layer unquantized"
-        )
-    return g
+    n_groups = -(-in_features // g)
+    return g, n_groups, n_groups * g - in_features
+
+
+def pad_columns(x: torch.Tensor, pad: int) -> torch.Tensor:
+    """``x`` ``[out, in]`` with ``pad`` zero columns appended (``x`` itself when ``pad`` is 0)."""
+    return F.pad(x, (0, pad)) if pad else x
 
 
 def _per_group(x: torch.Tensor | float | None, default: float, out: int, n_groups: int) -> torch.Tensor | float:
@@ -116,7 +139,8 @@ def quant_dequant(
         weight: 2-D float weight ``[out, in]``; math runs in float32.
         scheme: bits / group_size / sym.
         v: rounding offsets, shape ``[out, in]`` (or a scalar); ``None`` = 0.
-        min_scale, max_scale: range coefficients, shape ``[out, n_groups]`` (or scalars),
+        min_scale, max_scale: range coefficients, shape ``[out, n_groups]`` with
+            ``n_groups = ceil(in / group_size)`` (or scalars),
             clamped to [0, 1] in the forward pass with an identity gradient; ``None`` = 1.
 
     Returns:
@@ -129,9 +153,8 @@ def quant_dequant(
     if weight.dim() != 2:
         raise ValueError(f"expected a 2-D weight [out, in], got shape {tuple(weight.shape)}")
     out, in_features = weight.shape
-    g = _group_size(in_features, scheme)
-    n_groups = in_features // g
-    w = weight.to(torch.float32).reshape(out, n_groups, g)
+    g, n_groups, pad = group_layout(in_features, scheme)
+    w = pad_columns(weight.to(torch.float32), pad).reshape(out, n_groups, g)
 
     min_s = _per_group(min_scale, 1.0, out, n_groups)
     max_s = _per_group(max_scale, 1.0, out, n_groups)
@@ -160,14 +183,17 @@ def quant_dequant(
     x = w / scale
     if v is not None:
         v = v.to(torch.float32)
-        x = x + (v.reshape(out, n_groups, g) if v.dim() > 0 else v)
+        x = x + (pad_columns(v, pad).reshape(out, n_groups, g) if v.dim() > 0 else v)
     q = torch.clamp(round_ste(x) + zero, lo, hi)
     w_hat = scale * (q - zero)
+    w_hat, q = w_hat.reshape(out, n_groups * g), q.reshape(out, n_groups * g)
+    if pad:
+        w_hat, q = w_hat[:, :in_features], q[:, :in_features]
     return (
-        w_hat.reshape(out, in_features).to(weight.dtype),
+        w_hat.to(weight.dtype),
         scale.reshape(out, n_groups),
         zero.reshape(out, n_groups),
-        q.reshape(out, in_features),
+        q,
     )
 
 
