@@ -14,6 +14,15 @@ Per linear ``L`` with weight ``[out, in]``: ``L.qweight`` int32 ``[in*bits/32, o
 ``L.bias`` float16 ``[out]`` if present; no ``g_idx``. The loader's kernels need in/out
 divisible by 32 (:func:`layer_supported`).
 
+A group size that does not divide ``in`` (a shorter last group: ``ceil(in / g)`` groups, as
+AutoRound quantizes and packs it) is written under the layer's own group size
+:func:`checkpoint_group_size` in ``extra_config``: ``-1`` when one group covers the row
+(``in < g``), else ``gcd(in, g)`` with each group's scale and zero repeated ``g / gcd`` times.
+The weights the loader dequantizes are the same; the reason is the loader: its CPU backends
+(``auto_round:torch``/``torch_zp``) require ``in % group_size == 0`` and, for a layer they
+reject, auto-round 0.16.1 falls back to ``auto_round:fake``, which ignores ``qweight`` and
+leaves the layer's weight uninitialised (the load "succeeds", the forward pass fails).
+
 Loader notes (checked against the real loader): ``config.json``'s ``quantization_config``
 is all it reads (``quantization_config.json`` is written alongside only to mirror
 AutoRound); on CPU without ``auto-round-lib`` it picks the pure-torch backend, whose
@@ -24,6 +33,7 @@ after loading ("Forced model to torch.float16").
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -38,6 +48,7 @@ __all__ = [
     "PACKING_ASYM",
     "PACKING_SYM",
     "QUANTIZATION_CONFIG_FILE",
+    "checkpoint_group_size",
     "layer_supported",
     "pack_layer",
     "packing_format",
@@ -89,16 +100,39 @@ def packing_format(sym: bool) -> str:
 
 
 def layer_supported(in_features: int, out_features: int, scheme: QuantScheme) -> bool:
-    """Whether the loader's kernels accept this layer shape (else leave it in full precision)."""
+    """Whether the loader's kernels accept this layer shape (else leave it in full precision).
+
+    Any group size is accepted: one that does not divide ``in_features`` is written as
+    :func:`checkpoint_group_size` says.
+    """
     if in_features <= 0 or out_features <= 0:
         return False
-    if in_features % 32 or out_features % 32:
-        return False
-    return scheme.group_size <= 0 or in_features % scheme.group_size == 0
+    return not (in_features % 32 or out_features % 32)
+
+
+def checkpoint_group_size(in_features: int, group_size: int) -> int:
+    """The group size a layer is written with: ``group_size`` when it divides ``in_features`` (or is -1);
+    -1 when one (shorter) group covers the row; else ``gcd(in_features, group_size)``."""
+    if group_size <= 0 or in_features % group_size == 0:
+        return group_size
+    if in_features < group_size:
+        return -1
+    return math.gcd(in_features, group_size)
+
+
+def _checkpoint_groups(qw: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor]:
+    """``qw``'s scales and zero points ``[out, groups]`` as the checkpoint's group size lays them out."""
+    in_f = qw.in_features
+    written = checkpoint_group_size(in_f, qw.group_size)
+    if written in (qw.group_size, -1):  # the scheme's own groups, or one group per row
+        return qw.scale, qw.zero
+    index = torch.arange(0, in_f, written, device=qw.scale.device) // qw.group_size
+    return qw.scale[:, index], qw.zero[:, index]
 
 
 def pack_layer(qw: QuantizedWeight, bias: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """Checkpoint tensors ``{"qweight", "qzeros", "scales"[, "bias"]}`` for one linear layer."""
+    """Checkpoint tensors ``{"qweight", "qzeros", "scales"[, "bias"]}`` for one linear layer, grouped by
+    :func:`checkpoint_group_size` (a shorter last group written as smaller groups with repeated scales)."""
     out_f, in_f = qw.out_features, qw.in_features
     if qw.q.shape != (out_f, in_f) or qw.scale.shape != qw.zero.shape or qw.scale.shape[0] != out_f:
         raise ValueError(
@@ -107,13 +141,15 @@ def pack_layer(qw: QuantizedWeight, bias: torch.Tensor | None = None) -> dict[st
         )
     if in_f % 32 or out_f % 32:
         raise ValueError(f"layer [{out_f}, {in_f}] cannot be packed: in/out features must be multiples of 32")
-    if in_f % qw.n_groups:
-        raise ValueError(f"in_features={in_f} is not a multiple of n_groups={qw.n_groups}")
-    stored_zero = qw.zero.to(torch.int64) - _ZERO_OFFSET[packing_format(qw.sym)]
+    g = in_f if qw.group_size <= 0 else qw.group_size
+    if -(-in_f // g) != qw.n_groups:
+        raise ValueError(f"{qw.n_groups} groups do not fit in_features={in_f} with group_size={qw.group_size}")
+    scale, zero = _checkpoint_groups(qw)
+    stored_zero = zero.to(torch.int64) - _ZERO_OFFSET[packing_format(qw.sym)]
     tensors = {
         "qweight": pack_rows(qw.q.t(), qw.bits),
         "qzeros": pack_cols(stored_zero.t(), qw.bits),
-        "scales": qw.scale.t().to(torch.float16).contiguous(),
+        "scales": scale.t().to(torch.float16).contiguous(),
     }
     if bias is not None:
         if bias.shape != (out_f,):
@@ -131,7 +167,8 @@ def unpack_layer(
     in_features: int,
     out_features: int,
 ) -> QuantizedWeight:
-    """Inverse of :func:`pack_layer` (any ``bias`` entry is ignored)."""
+    """Inverse of :func:`pack_layer` (any ``bias`` entry is ignored); ``group_size`` is the layer's
+    group size in the checkpoint (:func:`checkpoint_group_size`)."""
     if packing_format not in _ZERO_OFFSET:
         raise ValueError(f"unsupported packing_format {packing_format!r}; known: {sorted(_ZERO_OFFSET)}")
     q = unpack_rows(tensors["qweight"], bits, in_features).t()

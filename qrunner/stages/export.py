@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 
 from qrunner.config.validate import parse_size
 from qrunner.errors import UserError
-from qrunner.export.auto_round import pack_layer, quantization_config
+from qrunner.export.auto_round import checkpoint_group_size, pack_layer, quantization_config
 from qrunner.export.shards import ShardedSafetensorsWriter
 from qrunner.pipeline.atomic import fsync_tree, remove_tree
 from qrunner.pipeline.faults import fault_point
@@ -146,13 +146,15 @@ class ExportStage(Stage):
 
 
 def extra_config(layers: List[Dict[str, Any]], scheme: Any) -> Dict[str, Dict[str, Any]]:
-    """Per-layer keys that differ from the scheme; {"bits": 16} for layers left in full precision."""
+    """Per-layer keys that differ from the scheme; {"bits": 16} for layers left in full precision. A layer's
+    group size is the one it is written with (a shorter last group is written as smaller groups)."""
     extra: Dict[str, Dict[str, Any]] = {}
     for p in layers:
         if not p["quantize"]:
             extra[p["name"]] = {"bits": 16}
             continue
-        diff = {k: p[k] for k in ("bits", "group_size", "sym") if p[k] != getattr(scheme, k)}
+        written = {**p, "group_size": checkpoint_group_size(p["in_features"], p["group_size"])}
+        diff = {k: written[k] for k in ("bits", "group_size", "sym") if written[k] != getattr(scheme, k)}
         if diff:
             extra[p["name"]] = diff
     return extra
