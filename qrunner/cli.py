@@ -35,6 +35,7 @@ def execute(cfg: DictConfig, recipe: str, choices: dict, overrides: List[str]) -
 
     from qrunner.memory.monitor import MemoryMonitor, process_peak_mb
     from qrunner.memory.predict import choose_mode
+    from qrunner.models.adapter import full_precision_layers, kernel_warning
     from qrunner.models.registry import get_family
     from qrunner.pipeline.fingerprint import model_identity
     from qrunner.pipeline.lock import RunLock
@@ -51,7 +52,7 @@ def execute(cfg: DictConfig, recipe: str, choices: dict, overrides: List[str]) -
     validate(cfg, provenance)
     adapter = get_family(cfg.family.name)
     session = ModelSession(cfg, adapter, logging.getLogger("qrunner"))
-    session.preflight(provenance.source_of("scheme.group_size"))  # on the meta skeleton: nothing loaded yet
+    session.preflight()  # on the meta skeleton: nothing loaded yet
     plain = schema.as_plain(cfg)
     run_dir = run_dir_for(plain, recipe)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -60,6 +61,9 @@ def execute(cfg: DictConfig, recipe: str, choices: dict, overrides: List[str]) -
             clear_run_dir(run_dir)
         log = setup_logging(run_dir)
         log.info("run directory %s", run_dir)
+        kept = kernel_warning(session.layer_plan)
+        if kept:
+            log.warning(kept)
         memory = {"mode": cfg.memory.mode.value}
         if memory["mode"] == "auto":
             memory = choose_mode(cfg, session)
@@ -87,6 +91,7 @@ def execute(cfg: DictConfig, recipe: str, choices: dict, overrides: List[str]) -
         plain["_recipe"] = recipe
         report = build_report(plain, run_dir, results, monitor, memory, time.time() - started)
         report["restarts"] = restarts()
+        report["full_precision_layers"] = full_precision_layers(session.layer_plan)
         write_report(report, run_dir)
         print_summary(report)
         return report

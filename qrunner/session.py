@@ -29,7 +29,6 @@ class ModelSession:
         self.model_dir = Path(cfg.model.path).expanduser()
         self.compute_dtype = torch_dtype(cfg.model.compute_dtype)
         self._model: Optional[nn.Module] = None
-        self.group_size_source = ""
         # the memory mode in force (memory=auto resolved); never part of a fingerprint
         self.memory_mode = "high"
 
@@ -69,7 +68,7 @@ class ModelSession:
         q, s = self.cfg.quant, self.cfg.scheme
         overrides = [(rx, dict(OmegaConf.to_container(o))) for rx, o in q.layer_overrides.items()]
         return self.adapter.plan_layers(self.skeleton, self.block_lists, int(s.bits), int(s.group_size), bool(s.sym),
-                                        list(q.ignore_layers), overrides, group_size_source=self.group_size_source)
+                                        list(q.ignore_layers), overrides)
 
     @property
     def hidden_size(self) -> int:
@@ -83,9 +82,8 @@ class ModelSession:
     def checkpoint_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.model_dir.glob("*.safetensors"))
 
-    def preflight(self, group_size_source: str = "") -> None:
+    def preflight(self) -> None:
         """Architecture, block names and layer shapes against the config, on the meta skeleton."""
-        self.group_size_source = group_size_source
         _ = self.layer_plan
 
     def model(self) -> nn.Module:

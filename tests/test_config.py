@@ -90,10 +90,21 @@ def test_missing_model_path_and_folders_without_config_or_weights(tmp_path):
         _validate([f"model.path={tmp_path}"])
 
 
-def test_group_size_not_dividing_a_layer_fails_before_any_run_dir(tiny_llama, tmp_path):
-    with pytest.raises(UserError, match=r"group_size=48 .* does not divide the input size 64"):
-        run_inprocess(tiny_overrides(tiny_llama, tmp_path, "scheme.group_size=48"))
-    assert not (tmp_path / "demo").exists()
+def test_group_size_not_dividing_a_layer_plans_a_shorter_last_group(tiny_llama, tmp_path):
+    """Once a UserError before any run directory; now such layers are quantized with a shorter last group
+    (64 = 48 + 16, 128 = 2 x 48 + 32) and only shapes no loader takes stay in full precision."""
+    import logging
+
+    from qrunner.models.registry import get_family
+    from qrunner.session import ModelSession
+
+    cfg = _validate(tiny_overrides(tiny_llama, tmp_path, "scheme.group_size=48",
+                                   "+quant.layer_overrides={down_proj:{group_size:256}}"))
+    session = ModelSession(cfg, get_family(cfg.family.name), logging.getLogger("test"))
+    session.preflight()
+    plan = session.layer_plan
+    assert len(plan) == 3 * 7 and all(p.quantize for p in plan)
+    assert {(p.in_features, p.group_size) for p in plan} == {(64, 48), (128, 256)}
 
 
 def test_unsupported_architecture_points_to_the_right_family(tmp_path):

@@ -24,15 +24,17 @@ def tiny_tokenizer(vocab_size: int = 320):
 
 
 def make_tiny_llama(path: Path, layers: int = 3, hidden: int = 64, intermediate: int = 128, seed: int = 0,
-                    dtype: torch.dtype = torch.bfloat16, model_type: str = "llama", tie: bool = False) -> Path:
-    """A random-weight decoder saved with save_pretrained (safetensors) plus a tokenizer."""
+                    dtype: torch.dtype = torch.bfloat16, model_type: str = "llama", tie: bool = False,
+                    kv_heads: int = 2) -> Path:
+    """A random-weight decoder saved with save_pretrained (safetensors) plus a tokenizer (4 attention heads,
+    `kv_heads` key/value heads)."""
     import transformers
 
     tokenizer = tiny_tokenizer()
     config_cls = {"llama": transformers.LlamaConfig, "qwen3": transformers.Qwen3Config,
                   "mistral": transformers.MistralConfig, "qwen2": transformers.Qwen2Config}[model_type]
     config = config_cls(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate,
-                        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=kv_heads,
                         max_position_embeddings=512, tie_word_embeddings=tie,
                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     if model_type in ("qwen3",):

@@ -29,6 +29,44 @@ class LayerPlan:
     sym: bool = True
 
 
+KERNEL_MULTIPLE = 32  # the loaders' kernels need in/out features divisible by this
+NAMES_SHOWN = 5  # layer names a warning spells out before "and N more"
+
+
+_KERNEL_REASON = "in/out features not divisible by"
+
+
+def kernel_reason(multiple: int = KERNEL_MULTIPLE) -> str:
+    """The reason recorded for a layer kept in full precision because no loader's kernel takes its shape."""
+    return f"{_KERNEL_REASON} {multiple} (loader kernels)"
+
+
+def full_precision_layers(plan: Sequence[LayerPlan]) -> Dict[str, Any]:
+    """The block linears left in full precision: their count, their share of the weights of all block linears
+    (``in * out`` each), their names and how many for each reason."""
+    kept = [p for p in plan if not p.quantize]
+    total = sum(p.in_features * p.out_features for p in plan)
+    reasons: Dict[str, int] = {}
+    for p in kept:
+        reasons[p.reason] = reasons.get(p.reason, 0) + 1
+    return {"count": len(kept),
+            "share_of_weights": sum(p.in_features * p.out_features for p in kept) / total if total else 0.0,
+            "names": [p.name for p in kept], "reasons": reasons}
+
+
+def kernel_warning(plan: Sequence[LayerPlan]) -> Optional[str]:
+    """A warning naming the layers no loader's kernel takes (kept in full precision), or None if there are none."""
+    kept = [p for p in plan if not p.quantize and p.reason.startswith(_KERNEL_REASON)]
+    if not kept:
+        return None
+    total = sum(p.in_features * p.out_features for p in plan)
+    share = sum(p.in_features * p.out_features for p in kept) / total
+    names = ", ".join(f"{p.name} [out {p.out_features}, in {p.in_features}]" for p in kept[:NAMES_SHOWN])
+    more = f" and {len(kept) - NAMES_SHOWN} more" if len(kept) > NAMES_SHOWN else ""
+    return (f"{len(kept)} layer(s) stay in full precision ({100 * share:.2f} % of the block linear weights), "
+            f"{kept[0].reason}: {names}{more}")
+
+
 class StopForward(Exception):
     """Raised by a hook to end a forward pass once the wanted inputs are captured."""
 
@@ -110,11 +148,13 @@ class FamilyAdapter:
 
     def plan_layers(self, model: nn.Module, block_lists: Sequence[str], bits: int, group_size: int, sym: bool,
                     ignore: Sequence[str], overrides: Sequence[Tuple[str, Dict[str, Any]]] = (),
-                    kernel_multiple: int = 32, group_size_source: str = "") -> List[LayerPlan]:
+                    kernel_multiple: int = KERNEL_MULTIPLE) -> List[LayerPlan]:
         """Decide, for every linear layer inside the blocks, whether and how it is quantized.
 
         `overrides` are (regex, {bits/group_size/sym}) pairs; the first whose regex matches a layer's
-        full name sets what differs from the scheme. bits=16 keeps a layer in full precision.
+        full name sets what differs from the scheme. bits=16 keeps a layer in full precision. A group size
+        that does not divide a layer's input size leaves a shorter last group; layers whose input or output
+        size is not a multiple of `kernel_multiple` (the loaders' kernels) stay in full precision.
         """
         patterns = [re.compile(p) for p in ignore]
         compiled = [(re.compile(rx), {k: v for k, v in o.items() if v is not None}) for rx, o in overrides]
@@ -124,12 +164,9 @@ class FamilyAdapter:
                 full = f"{block_name}.{rel}"
                 fin, fout = layer.in_features, layer.out_features
                 spec = {"bits": bits, "group_size": group_size, "sym": sym}
-                source = group_size_source
                 for rx, override in compiled:
                     if rx.search(full):
                         spec.update(override)
-                        if "group_size" in override:
-                            source = f"quant.layer_overrides[{rx.pattern!r}]"
                         break
                 if rel.endswith(self.kept_linears):
                     plans.append(LayerPlan(full, fin, fout, False, f"{self.name} keeps it in full precision"))
@@ -138,14 +175,7 @@ class FamilyAdapter:
                 elif spec["bits"] >= 16:
                     plans.append(LayerPlan(full, fin, fout, False, "bits=16 in quant.layer_overrides"))
                 elif fin % kernel_multiple or fout % kernel_multiple:
-                    plans.append(LayerPlan(full, fin, fout, False,
-                                           f"in/out features not divisible by {kernel_multiple} (loader kernels)"))
-                elif spec["group_size"] > 0 and fin % spec["group_size"]:
-                    divisors = [g for g in (32, 64, 128, 256) if fin % g == 0]
-                    where = f" (set in {source})" if source else ""
-                    raise UserError(f"scheme.group_size={spec['group_size']}{where} does not divide the input size "
-                                    f"{fin} of layer {full}; allowed: -1 (per row) or a divisor of {fin} such as "
-                                    f"{', '.join(map(str, divisors)) or fin}.")
+                    plans.append(LayerPlan(full, fin, fout, False, kernel_reason(kernel_multiple)))
                 else:
                     plans.append(LayerPlan(full, fin, fout, True, "", int(spec["bits"]), int(spec["group_size"]),
                                            bool(spec["sym"])))

@@ -102,6 +102,7 @@ def markdown(report: Dict[str, Any], images: List[Path]) -> str:
         f"- wall time {report['wall_seconds']:.1f} s, peak RSS {report['peak_rss_mb']:.0f} MB",
         *(f"- restarted after {r['cause']} in memory={r['mode']} at {r['where']} (peak RSS {r['peak_rss_mb']} MB) "
           f"-> memory={r['restart_mode']}" for r in report.get("restarts", [])),
+        *([f"- {full_precision_text(report['full_precision_layers'])}"] if _kept_count(report) else []),
         "",
         "| stage | status | time (s) | peak RSS (MB) |",
         "|---|---|---:|---:|",
@@ -121,6 +122,18 @@ def markdown(report: Dict[str, Any], images: List[Path]) -> str:
     for image in images:
         lines += ["", f"![{image.stem}]({image.name})"]
     return "\n".join(lines) + "\n"
+
+
+def _kept_count(report: Dict[str, Any]) -> int:
+    return int((report.get("full_precision_layers") or {}).get("count", 0))
+
+
+def full_precision_text(kept: Dict[str, Any], shown: int = 5) -> str:
+    """One line on the block linears left in full precision (``report["full_precision_layers"]``)."""
+    names = ", ".join(kept["names"][:shown]) + (f" and {kept['count'] - shown} more" if kept["count"] > shown else "")
+    reasons = "; ".join(f"{n} {reason}" for reason, n in kept["reasons"].items())
+    return (f"full precision: {kept['count']} layer(s), {100 * kept['share_of_weights']:.2f} % of the block linear "
+            f"weights ({reasons}): {names}")
 
 
 def write_report(report: Dict[str, Any], run_dir: Path) -> Path:
@@ -149,5 +162,7 @@ def print_summary(report: Dict[str, Any]) -> None:
         if "ppl_original" in q:
             text = f"perplexity: original {q['ppl_original']:.4f}, {text[12:]} (x{q['ppl_ratio']:.4f})"
         console.print(text)
+    if _kept_count(report):
+        console.print(full_precision_text(report["full_precision_layers"]))
     console.print(f"peak RSS {report['peak_rss_mb']:.0f} MB, wall {report['wall_seconds']:.1f} s; "
                   f"report: {report['run_dir']}/report.md")
