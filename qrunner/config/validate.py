@@ -70,7 +70,8 @@ def validate(cfg: DictConfig, provenance: Provenance) -> None:
     if scheme.bits not in SUPPORTED_BITS:
         raise bad("scheme.bits", ", ".join(map(str, SUPPORTED_BITS)))
     if scheme.group_size != -1 and scheme.group_size <= 0:
-        raise bad("scheme.group_size", "-1 (one group per output row) or a positive integer dividing the layers' input size")
+        raise bad("scheme.group_size", "-1 (one group per output row) or a positive integer (one that does not divide a "
+                  "layer's input size leaves a shorter last group)")
     if scheme.data_type != "int":
         raise bad("scheme.data_type", "int")
     if scheme.act_bits != 16:
@@ -96,7 +97,7 @@ def validate(cfg: DictConfig, provenance: Provenance) -> None:
         if override.bits is not None and override.bits not in SUPPORTED_BITS + (16,):
             raise bad(f"{key}.bits", ", ".join(map(str, SUPPORTED_BITS + (16,))) + " (16 = keep in full precision)")
         if override.group_size is not None and override.group_size != -1 and override.group_size <= 0:
-            raise bad(f"{key}.group_size", "-1 or a positive integer dividing the layer's input size")
+            raise bad(f"{key}.group_size", "-1 or a positive integer")
     for i, pattern in enumerate(cfg.quant.ignore_layers):
         try:
             re.compile(pattern)
