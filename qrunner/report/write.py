@@ -131,7 +131,7 @@ def _kept_count(report: Dict[str, Any]) -> int:
 def full_precision_text(kept: Dict[str, Any], shown: int = 5) -> str:
     """One line on the block linears left in full precision (``report["full_precision_layers"]``)."""
     names = ", ".join(kept["names"][:shown]) + (f" and {kept['count'] - shown} more" if kept["count"] > shown else "")
-    reasons = "; ".join(f"{n} {reason}" for reason, n in kept["reasons"].items())
+    reasons = "; ".join(f"{reason}: {n}" for reason, n in kept["reasons"].items())
     return (f"full precision: {kept['count']} layer(s), {100 * kept['share_of_weights']:.2f} % of the block linear "
             f"weights ({reasons}): {names}")
 
