@@ -148,6 +148,12 @@ class EvalConfig:
     batch_size: int = 4
     # also measure the unquantized model
     original: bool = True
+    # lm-eval-harness tasks run on the original and the quantized model (needs qrunner[eval]); offline: tasks whose
+    # data is in the local Hugging Face cache or defined by lm-eval task YAML files under tasks_include
+    tasks: List[str] = field(default_factory=list)
+    # examples per task (0 = all)
+    tasks_limit: int = 0
+    tasks_include: Optional[str] = None
 
 
 @dataclass

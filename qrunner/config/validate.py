@@ -1,6 +1,7 @@
 """Checks on a composed config that the schema's types cannot express. Run before anything loads."""
 from __future__ import annotations
 
+import importlib.util
 import re
 from pathlib import Path
 from typing import Any, Callable, Dict
@@ -117,6 +118,13 @@ def validate(cfg: DictConfig, provenance: Provenance) -> None:
         raise bad("eval.nsamples", "0 (all windows) or a positive integer")
     _check_source(cfg.data.source, "data.source", where)
     _check_source(cfg.eval.source, "eval.source", where)
+    if cfg.eval.tasks_limit < 0:
+        raise bad("eval.tasks_limit", "0 (every example) or a positive integer")
+    if cfg.eval.tasks_include and not Path(cfg.eval.tasks_include).expanduser().is_dir():
+        raise bad("eval.tasks_include", "a folder of lm-eval task YAML files")
+    if cfg.eval.tasks and importlib.util.find_spec("lm_eval") is None:
+        raise UserError(f"eval.tasks={list(cfg.eval.tasks)} (set in {where('eval.tasks')}) needs lm-eval-harness, which is not "
+                        "installed: pip install 'qrunner[eval]' (or pip install lm-eval), or drop eval.tasks")
 
     try:
         if parse_size(cfg.export.max_shard_size) <= 0:

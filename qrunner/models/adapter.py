@@ -76,7 +76,7 @@ class FamilyAdapter:
 
     name: ClassVar[str]
     # the pipeline the family runs (stage names; the runner orders them by what each needs)
-    stages: ClassVar[Tuple[str, ...]] = ("load", "data", "capture", "quantize", "export", "evaluate")
+    stages: ClassVar[Tuple[str, ...]] = ("load", "data", "capture", "quantize", "export", "evaluate", "tasks")
     model_types: ClassVar[Tuple[str, ...]]
     # candidate module-list paths holding the decoder blocks, tried in order
     block_list_candidates: ClassVar[Tuple[str, ...]]

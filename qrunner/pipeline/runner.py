@@ -50,7 +50,8 @@ class Runner:
         self.monitor = monitor
         self.model_id = model_id
         self.store = ArtifactStore(run_dir)
-        self.stages: Dict[str, Stage] = {name: stage_class(name)() for name in stage_names}
+        self.stages: Dict[str, Stage] = {name: stage_class(name)() for name in stage_names
+                                         if stage_class(name).in_pipeline(cfg)}
         for stage in self.stages.values():
             bad = [k for k in stage.reads if any(k == f or k.startswith(f + ".") for f in forbidden_keys)]
             if bad:

@@ -36,6 +36,11 @@ class Stage:
     version: ClassVar[int] = 1
     description: ClassVar[str] = ""
 
+    @classmethod
+    def in_pipeline(cls, cfg: DictConfig) -> bool:
+        """Whether the config asks for this stage at all (e.g. task evaluation only with eval.tasks)."""
+        return True
+
     def run(self, ctx: StageContext) -> Optional[Dict[str, Any]]:
         """Do the work, write files under ctx.out, return metrics for the manifest."""
         raise NotImplementedError(f"stage {self.name} does not implement run()")

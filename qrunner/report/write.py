@@ -17,6 +17,7 @@ def build_report(cfg_plain: Dict[str, Any], run_dir: Path, results: List[StageRe
     evaluation = by_name.get("evaluate")
     quantize = by_name.get("quantize")
     export = by_name.get("export")
+    tasks = by_name.get("tasks")
     return {
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "run_dir": str(run_dir),
@@ -29,6 +30,7 @@ def build_report(cfg_plain: Dict[str, Any], run_dir: Path, results: List[StageRe
         "peak_rss_mb": round(max([process_peak_mb()] + [r.peak_rss_mb for r in results if r.status == "ran"]), 1),
         "stages": [asdict(r) for r in results],
         "quality": {k: v for k, v in (evaluation.metrics if evaluation else {}).items() if k.startswith("ppl")},
+        "tasks": tasks.metrics.get("tasks", {}) if tasks else {},
         "block_loss": quantize.metrics.get("block_loss", []) if quantize else [],
         "block_loss_rtn": quantize.metrics.get("block_loss_rtn", []) if quantize else [],
         "export_dir": export.metrics.get("output_dir") if export else None,
@@ -115,6 +117,7 @@ def markdown(report: Dict[str, Any], images: List[Path]) -> str:
         for key in ("ppl_original", "ppl_quantized", "ppl_ratio"):
             if key in q:
                 lines.append(f"| {key.replace('ppl_', '')} | {q[key]:.4f} |")
+    lines += task_table(report.get("tasks") or {})
     if report["block_loss"]:
         rtn = report.get("block_loss_rtn") or report["block_loss"]
         lines += ["", "| block | loss before tuning (RTN) | loss after |", "|---:|---:|---:|"]
@@ -134,6 +137,26 @@ def full_precision_text(kept: Dict[str, Any], shown: int = 5) -> str:
     reasons = "; ".join(f"{reason}: {n}" for reason, n in kept["reasons"].items())
     return (f"full precision: {kept['count']} layer(s), {100 * kept['share_of_weights']:.2f} % of the block linear "
             f"weights ({reasons}): {names}")
+
+
+def task_rows(tasks: Dict[str, Any]) -> List[List[str]]:
+    """[task, metric, original, quantized, difference] for every lm-eval task score."""
+    rows = []
+    for name, metrics in tasks.get("quantized", {}).items():
+        for metric, value in metrics.items():
+            base = tasks.get("original", {}).get(name, {}).get(metric)
+            rows.append([name, metric, "" if base is None else f"{base:.4f}", f"{value:.4f}",
+                         "" if base is None else f"{value - base:+.4f}"])
+    return rows
+
+
+def task_table(tasks: Dict[str, Any]) -> List[str]:
+    rows = task_rows(tasks)
+    if not rows:
+        return []
+    samples = tasks.get("samples", {})
+    lines = ["", "| task | examples | metric | original | quantized | change |", "|---|---:|---|---:|---:|---:|"]
+    return lines + [f"| {r[0]} | {samples.get(r[0], '')} | {' | '.join(r[1:])} |" for r in rows]
 
 
 def write_report(report: Dict[str, Any], run_dir: Path) -> Path:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Dict
+from typing import Any, Dict, Iterator, Sequence
 
 import torch
 from tqdm import tqdm
@@ -70,15 +70,8 @@ class EvaluateStage(Stage):
         else:
             if cfg.eval.original:
                 metrics["ppl_original"] = perplexity(session.model(), windows, bs, "eval original", show)
-            model = session.take_model()  # weights are replaced below; later stages must reload
-            with contextlib.ExitStack() as views:
-                for _, block in session.blocks(model):
-                    views.enter_context(session.adapter.block_view(block))
-                for name, qw in layers.items():
-                    layer = get_module(model, name)
-                    layer.weight.data = qw.dequantize(layer.weight.dtype)
+            with fake_quantized_model(session, layers) as model:
                 metrics["ppl_quantized"] = perplexity(model, windows, bs, "eval quantized", show)
-            del model
         if "ppl_original" in metrics:
             metrics["ppl_ratio"] = metrics["ppl_quantized"] / metrics["ppl_original"]
             ctx.log.info("evaluate: perplexity original %.4f, quantized %.4f (x%.4f)", metrics["ppl_original"],
@@ -88,39 +81,66 @@ class EvaluateStage(Stage):
         return metrics
 
 
-def streamed_perplexities(ctx: StageContext, windows: torch.Tensor, layers: QuantizedLayers,
-                          original: bool) -> Dict[str, float]:
-    """Perplexity with one block in RAM at a time (memory=medium/low): the windows' hidden states run through
-    the blocks streamed from the shards, the original and the quantized chain side by side, then the head."""
+@contextlib.contextmanager
+def fake_quantized_model(session: Any, layers: QuantizedLayers) -> Iterator[torch.nn.Module]:
+    """The whole model in RAM (memory=high) with every quantized layer's weight replaced by its dequantized
+    value. The session hands the model over: later stages load it again."""
+    model = session.take_model()
+    with contextlib.ExitStack() as views:
+        for _, block in session.blocks(model):
+            views.enter_context(session.adapter.block_view(block))
+        for name, qw in layers.items():
+            layer = get_module(model, name)
+            layer.weight.data = qw.dequantize(layer.weight.dtype)
+        yield model
+
+
+@contextlib.contextmanager
+def streamed_chains(ctx: StageContext, windows: torch.Tensor, layers: QuantizedLayers, chains: Sequence[str],
+                    desc: str = "eval") -> Iterator[Dict[str, Any]]:
+    """The last block's output rows of `windows` (same-length token rows), with one block in RAM at a time
+    (memory=medium/low): the hidden states run through the blocks streamed from the shards, each chain
+    ("original", "quantized") side by side. Yields chain -> rows; the rows are removed on exit."""
     session, show = ctx.session, ctx.cfg.run.show_progress
     adapter = session.adapter
-    chains = ChainRows(ctx.out / "scratch", session.activations_on_disk)
+    rows_store = ChainRows(ctx.out / "scratch", session.activations_on_disk)
     with session.input_model() as model:
         hidden, per_block, captured = capture_block_inputs(adapter, model, session.blocks(model), windows,
-                                                           chains.scratch, "eval inputs", show)
-    hidden = chains.wrap(hidden)
-    x = {"quantized": hidden, **({"original": hidden} if original else {})}
+                                                           rows_store.scratch, f"{desc} inputs", show)
+    hidden = rows_store.wrap(hidden)
+    x = {chain: hidden for chain in chains}
     side = {chain: dict(captured) for chain in x}
-    for index in tqdm(range(len(session.block_names())), desc="eval blocks", unit="block", disable=not show):
+    for index in tqdm(range(len(session.block_names())), desc=f"{desc} blocks", unit="block", disable=not show):
         shared, reads = block_inputs(session, per_block, index)
         writes = adapter.side_io(session.hf_config, index)[1]
-        wrap = chains.reader()
+        wrap = rows_store.reader()
         with session.block(index) as (name, block):
             y = {}
             for chain, rows in x.items():
-                y[chain] = chains.new(f"{chain}_{index}", rows)
+                y[chain] = rows_store.new(f"{chain}_{index}", rows)
                 src = open_block_rows(rows, reads, lambda g, c=chain: wrap(side[c][g]))
-                new = lambda n, *a, c=chain: chains.new_shaped(f"{c}_{n}", *a)  # noqa: E731
+                new = lambda n, *a, c=chain: rows_store.new_shaped(f"{c}_{n}", *a)  # noqa: E731
                 context = (fake_quantized(block, name, layers.in_block(name)) if chain == "quantized"
                            else contextlib.nullcontext())
                 with context:
                     side[chain].update(forward_rows(adapter, block, src, shared, y[chain], writes, new))
         for rows in x.values():
-            chains.drop(rows)
+            rows_store.drop(rows)
         x = y
-    out: Dict[str, float] = {}
-    with session.head_model() as model, torch.no_grad():
-        for chain, rows in x.items():
+    try:
+        yield x
+    finally:
+        rows_store.close()
+
+
+def streamed_perplexities(ctx: StageContext, windows: torch.Tensor, layers: QuantizedLayers,
+                          original: bool) -> Dict[str, float]:
+    """Perplexity with one block in RAM at a time (memory=medium/low): the original and the quantized chain
+    side by side through the streamed blocks, then the head, one window's logits at a time."""
+    adapter, out = ctx.session.adapter, {}
+    chains = ("quantized", "original") if original else ("quantized",)
+    with streamed_chains(ctx, windows, layers, chains) as last, ctx.session.head_model() as model, torch.no_grad():
+        for chain, rows in last.items():
             total, count = 0.0, 0
             for r in batches(len(rows), 1):  # one window's vocabulary-wide logits at a time
                 logits = adapter.logits(model, rows.read(r))[:, :-1].float()
@@ -129,5 +149,4 @@ def streamed_perplexities(ctx: StageContext, windows: torch.Tensor, layers: Quan
                                                                  labels.reshape(-1), reduction="sum"))
                 count += labels.numel()
             out[f"ppl_{chain}"] = math.exp(total / count)
-    chains.close()
     return out
