@@ -35,6 +35,7 @@ def execute(cfg: DictConfig, recipe: str, choices: dict, overrides: List[str]) -
 
     from qrunner.memory.monitor import MemoryMonitor, process_peak_mb
     from qrunner.memory.predict import choose_mode
+    from qrunner.memory.trim import freeze_long_lived_objects
     from qrunner.models.adapter import full_precision_layers, kernel_warning
     from qrunner.models.registry import get_family
     from qrunner.pipeline.fingerprint import model_identity
@@ -82,6 +83,7 @@ def execute(cfg: DictConfig, recipe: str, choices: dict, overrides: List[str]) -
         save_config(run_dir, OmegaConf.to_yaml(cfg, resolve=True), overrides)
         runner = Runner(cfg, run_dir, adapter.stages, session, log, monitor, model_identity(session.model_dir),
                         forbidden_keys=schema.NON_SEMANTIC_KEYS)
+        freeze_long_lived_objects()
         try:
             results = runner.run()
         except (MemoryError, torch.OutOfMemoryError):
