@@ -1,7 +1,8 @@
 """Quality on the bundled demo model (trained, so perplexity means something), pinned to measured bounds.
 
-Measured on the demo recipe (all held-out windows, seqlen 256): original 57.064;
-W8A16 RTN 57.067; W4A16 RTN 57.194, tuned 57.123; W2A16 g64 RTN 59.642, tuned 57.684.
+Measured on the demo recipe (all 194 held-out windows of 256 tokens, the text tokenized once; 50 tuning
+iterations unless said): original 46.791; W8A16 RTN 46.793; W4A16 RTN 46.863, tuned 46.848 (100
+iterations 46.847, 200 iterations 46.828); W2A16 g64 RTN 48.909, tuned with 100 iterations 47.344.
 """
 from pathlib import Path
 
@@ -29,21 +30,21 @@ def demo(tmp_path_factory):
 def test_w8a16_rtn_within_one_percent_of_original(demo):
     q = demo("scheme=w8a16", "quant.iters=0")["quality"]
     assert q["ppl_ratio"] < 1.01
-    assert 50 < q["ppl_original"] < 65  # the demo model is trained: far below the unigram baseline (~630)
+    assert 40 < q["ppl_original"] < 55  # the demo model is trained: far below the unigram baseline (~630)
 
 
 def test_w4a16_rtn_within_pinned_bound_and_tuning_is_no_worse(demo):
     rtn = demo("quant.iters=0")["quality"]
     tuned = demo()["quality"]
-    assert rtn["ppl_ratio"] < 1.005  # measured 1.0023
-    assert tuned["ppl_quantized"] <= rtn["ppl_quantized"]  # measured 57.123 vs 57.194
+    assert rtn["ppl_ratio"] < 1.005  # measured 1.0015
+    assert tuned["ppl_quantized"] <= rtn["ppl_quantized"]  # measured 46.848 vs 46.863
 
 
 def test_w2a16_g64_tuning_clearly_beats_rtn(demo):
     rtn = demo("scheme=w2a16", "scheme.group_size=64", "quant.iters=0")["quality"]
-    tuned = demo("scheme=w2a16", "scheme.group_size=64")["quality"]
-    assert rtn["ppl_ratio"] > 1.03  # measured 1.045
-    assert tuned["ppl_ratio"] - 1 < 0.5 * (rtn["ppl_ratio"] - 1)  # measured 1.011
+    tuned = demo("scheme=w2a16", "scheme.group_size=64", "quant.iters=100")["quality"]
+    assert rtn["ppl_ratio"] > 1.03  # measured 1.0453
+    assert tuned["ppl_ratio"] - 1 < 0.5 * (rtn["ppl_ratio"] - 1)  # measured 1.0118
 
 
 def test_tuning_lowers_every_block_loss_and_the_report_shows_it(demo):

@@ -185,6 +185,14 @@ def print_summary(report: Dict[str, Any]) -> None:
         if "ppl_original" in q:
             text = f"perplexity: original {q['ppl_original']:.4f}, {text[12:]} (x{q['ppl_ratio']:.4f})"
         console.print(text)
+    tuned, rtn = report["block_loss"], report.get("block_loss_rtn")
+    if tuned and rtn and report["quant"]["iters"]:
+        before, after = sum(rtn) / len(rtn), sum(tuned) / len(tuned)
+        console.print(f"tuning: mean block output loss {before:.3e} with round-to-nearest -> {after:.3e} after "
+                      f"{report['quant']['iters']} iterations ({100 * (after / before - 1):+.0f} %)")
+    for name, metric, base, value, change in task_rows(report.get("tasks") or {}):
+        console.print(f"{name} {metric}: " + (f"original {base}, quantized {value} ({change})" if base
+                                               else f"quantized {value}"))
     if _kept_count(report):
         console.print(full_precision_text(report["full_precision_layers"]))
     console.print(f"peak RSS {report['peak_rss_mb']:.0f} MB, wall {report['wall_seconds']:.1f} s; "
