@@ -59,7 +59,11 @@ def test_tuning_lowers_every_block_loss_and_the_report_shows_it(demo):
 
 
 def test_demo_export_loads_in_transformers_and_matches_own_evaluation(demo):
-    report = demo()
-    loaded = loaded_perplexity(report["export_dir"], demo.overrides())
+    # the demo's run, evaluated again on its first 32 windows (only evaluate reruns): auto-round's CPU kernels
+    # take about 1.5 s a window, so the loaded model is scored on those 32, not on all 194
+    report = demo("eval.nsamples=32")
+    assert report["run_dir"] == demo()["run_dir"] and report["quality"]["ppl_quantized"] != demo()["quality"][
+        "ppl_quantized"]
+    loaded = loaded_perplexity(report["export_dir"], demo.overrides("eval.nsamples=32"))
     ours = report["quality"]["ppl_quantized"]
     assert abs(loaded - ours) / ours < 0.005, (loaded, ours)
