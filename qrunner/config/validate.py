@@ -123,8 +123,8 @@ def validate(cfg: DictConfig, provenance: Provenance) -> None:
     if cfg.eval.tasks_include and not Path(cfg.eval.tasks_include).expanduser().is_dir():
         raise bad("eval.tasks_include", "a folder of lm-eval task YAML files")
     if cfg.eval.tasks and importlib.util.find_spec("lm_eval") is None:
-        raise UserError(f"eval.tasks={list(cfg.eval.tasks)} (set in {where('eval.tasks')}) needs lm-eval-harness, which is not "
-                        "installed: pip install 'qrunner[eval]' (or pip install lm-eval), or drop eval.tasks")
+        raise UserError(f"eval.tasks={list(cfg.eval.tasks)} (set in {where('eval.tasks')}) needs lm-eval-harness, "
+                        "which is not installed: pip install 'qrunner[eval]' (or pip install lm-eval), or drop eval.tasks")
 
     try:
         if parse_size(cfg.export.max_shard_size) <= 0:

@@ -1,9 +1,9 @@
 """tasks: lm-eval-harness task accuracy of the original and of the quantized model (`eval.tasks`), offline.
 
 `memory=high` wraps the model in RAM in lm-eval's `HFLM` (the original, then the fake-quantized model). The
-streaming modes wrap the meta skeleton in `HFLM` too, with its forward pass replaced by the block-streamed one the
-evaluate stage uses: one block in RAM at a time, so tasks run on models larger than RAM (each lm-eval batch
-streams every block once, so this is slow on large models; loglikelihood tasks only)."""
+streaming modes wrap the meta skeleton in `HFLM` and answer its forward passes from one block-streamed pass over
+all the requests lm-eval makes (`StreamedLM`): one block in RAM at a time, so tasks run on models larger than RAM
+(loglikelihood and multiple-choice tasks; generation needs memory=high)."""
 from __future__ import annotations
 
 import contextlib
@@ -63,13 +63,12 @@ def load_tasks(names: List[str], include: Optional[str]) -> Dict[str, Any]:
     require_lm_eval()
     from lm_eval.tasks import TaskManager, get_task_dict
 
-    if include and not Path(include).expanduser().exists():
-        raise UserError(f"eval.tasks_include={include!r} does not exist; give a folder of lm-eval task YAML files")
+    folder = str(Path(include).expanduser()) if include else None  # validate() checked that it exists
     manager = None
-    if include:  # indexing lm-eval's own few thousand task files takes half a minute: only when needed
-        manager = TaskManager(include_path=str(Path(include).expanduser()), include_defaults=False)
+    if folder:  # indexing lm-eval's own few thousand task files takes half a minute: only when needed
+        manager = TaskManager(include_path=folder, include_defaults=False)
     if manager is None or any(n not in manager.all_tasks for n in names):
-        manager = TaskManager(include_path=str(Path(include).expanduser()) if include else None)
+        manager = TaskManager(include_path=folder)
     unknown = [n for n in names if n not in manager.all_tasks]
     if unknown:
         raise UserError(f"eval.tasks: unknown lm-eval task(s) {', '.join(unknown)}; give lm-eval task names "
@@ -161,8 +160,10 @@ class StreamedLM:
         session = self.ctx.session
         with streamed_chains(self.ctx, windows, layers, chains, desc="tasks") as last, session.head_model() as head:
             self.last, self.head, self.starts = last, head, starts
-            yield
-        self.answer = None
+            try:
+                yield
+            finally:
+                self.answer = None
 
     def use(self, chain: str) -> None:
         batch = iter(range(len(self.recorded)))
