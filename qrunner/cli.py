@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import logging
 import sys
-import time
 from pathlib import Path
 from typing import Any, List
 
@@ -28,75 +27,61 @@ def _recipe_dirs() -> List[Path]:
 
 
 def execute(cfg: DictConfig, recipe: str, choices: dict, overrides: List[str]) -> dict:
-    """Validate, then run the pipeline; returns the report. Raises UserError for bad input."""
+    """Validate, then run the pipeline; returns the report. Raises UserError for bad input. scheme=auto with a
+    list of budgets runs one job per budget (each its own run directory, plan and export), the later ones reusing
+    the stages the budget does not change (load, data, capture, scores); the last job's report is returned, with
+    every budget's summary under "budgets"."""
     from qrunner.config.provenance import Provenance
-    from qrunner.config.validate import validate
-    import torch
+    from qrunner.config.validate import budgets, validate
+    from qrunner.job import run_job
 
-    from qrunner.memory.monitor import MemoryMonitor, process_peak_mb
-    from qrunner.memory.predict import choose_mode
-    from qrunner.memory.trim import freeze_long_lived_objects
-    from qrunner.models.adapter import full_precision_layers, kernel_warning
+    validate(cfg, Provenance(choices, overrides, _recipe_dirs()))
+    if cfg.scheme.name != "auto" or len(budgets(cfg.scheme.auto)) == 1:
+        return run_job(cfg, recipe, overrides)
+    _check_budgets(cfg)
+    done: List[Path] = []
+    summaries = []
+    for budget in budgets(cfg.scheme.auto):
+        one = cfg.copy()
+        OmegaConf.update(one, "scheme.auto.avg_bits", budget, merge=False)
+        report = run_job(one, recipe, overrides + [f"scheme.auto.avg_bits={budget:g}"], share_from=done)
+        done.append(Path(report["run_dir"]))
+        summaries.append(budget_summary(budget, report))
+    report["budgets"] = summaries
+    print_budgets(summaries)
+    return report
+
+
+def _check_budgets(cfg: DictConfig) -> None:
+    """Every budget against the model's layers before the first job runs (the meta skeleton only)."""
+    import logging
+
     from qrunner.models.registry import get_family
-    from qrunner.pipeline.fingerprint import model_identity
-    from qrunner.pipeline.lock import RunLock
-    from qrunner.pipeline.runner import Runner
-    from qrunner.report.write import build_report, print_summary, write_report
-    from qrunner.rundir import clear_run_dir, run_dir_for, save_config, setup_logging
-    from qrunner.pipeline.status import report_status
+    from qrunner.pipeline.stage import stage_class
     from qrunner.session import ModelSession
-    from qrunner.supervise import restarts
 
-    started = time.time()
-    monitor = MemoryMonitor().start()
-    provenance = Provenance(choices, overrides, _recipe_dirs())
-    validate(cfg, provenance)
-    adapter = get_family(cfg.family.name)
-    session = ModelSession(cfg, adapter, logging.getLogger("qrunner"))
-    session.preflight()  # on the meta skeleton: nothing loaded yet
-    plain = schema.as_plain(cfg)
-    run_dir = run_dir_for(plain, recipe)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with RunLock(run_dir):
-        if cfg.run.fresh:
-            clear_run_dir(run_dir)
-        log = setup_logging(run_dir)
-        log.info("run directory %s", run_dir)
-        kept = kernel_warning(session.layer_plan)
-        if kept:
-            log.warning(kept)
-        memory = {"mode": cfg.memory.mode.value}
-        if memory["mode"] == "auto":
-            memory = choose_mode(cfg, session)
-            log.info("memory=auto: predicted peak %s MB, budget %.1f GB -> %s", memory["predicted_peak_mb"],
-                     memory["budget_gb"], memory["mode"])
-            if memory["mode"] is None:
-                raise UserError(f"memory=auto: no memory mode fits memory.budget_gb={memory['budget_gb']} "
-                                f"(predicted peaks {memory['predicted_peak_mb']} MB); raise memory.budget_gb, "
-                                "lower data.nsamples / data.seqlen, or set memory=low to try anyway")
-        session.memory_mode = memory["mode"]
-        log.info("memory mode: %s", memory["mode"])
-        report_status(mode=memory["mode"], run_dir=str(run_dir), on_oom=cfg.run.on_oom.value)
-        for attempt in restarts():
-            log.warning("restarted after %s in memory=%s at %s (peak RSS %s MB) -> memory=%s", attempt["cause"],
-                        attempt["mode"], attempt["where"], attempt["peak_rss_mb"], attempt["restart_mode"])
-        save_config(run_dir, OmegaConf.to_yaml(cfg, resolve=True), overrides)
-        runner = Runner(cfg, run_dir, adapter.stages, session, log, monitor, model_identity(session.model_dir),
-                        forbidden_keys=schema.NON_SEMANTIC_KEYS)
-        freeze_long_lived_objects()
-        try:
-            results = runner.run()
-        except (MemoryError, torch.OutOfMemoryError):
-            report_status(peak_rss_mb=round(process_peak_mb()))
-            raise
-        monitor.stop()
-        plain["_recipe"] = recipe
-        report = build_report(plain, run_dir, results, monitor, memory, time.time() - started)
-        report["restarts"] = restarts()
-        report["full_precision_layers"] = full_precision_layers(session.layer_plan)
-        write_report(report, run_dir)
-        print_summary(report)
-        return report
+    session = ModelSession(cfg, get_family(cfg.family.name), logging.getLogger("qrunner"))
+    session.preflight()
+    stage_class("autoscheme")().preflight(cfg, session)
+
+
+def budget_summary(budget: float, report: dict) -> dict:
+    auto, quality = report.get("autoscheme", {}), report.get("quality", {})
+    return {"avg_bits_target": budget, "avg_bits": auto.get("avg_bits"), "ppl_quantized": quality.get("ppl_quantized"),
+            "ppl_original": quality.get("ppl_original"), "run_dir": report["run_dir"], "export_dir": report["export_dir"]}
+
+
+def print_budgets(summaries: List[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="scheme=auto: one plan and export per budget")
+    for col in ("budget", "average bits", "perplexity", "export"):
+        table.add_column(col, justify="left" if col == "export" else "right")
+    for s in summaries:
+        ppl = "" if s["ppl_quantized"] is None else f"{s['ppl_quantized']:.4f}"
+        table.add_row(f"{s['avg_bits_target']:g}", f"{s['avg_bits']:.4f}", ppl, str(s["export_dir"]))
+    Console(stderr=False).print(table)
 
 
 @hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")

@@ -58,6 +58,23 @@ class FamilyConfig:
 
 
 @dataclass
+class AutoSchemeConfig:
+    """scheme=auto: one option per layer chosen under an average-bits budget (see the autoscheme stages)."""
+
+    # the budget in average bits per weight of the quantized layers: a number, or a list (one plan and export each)
+    avg_bits: Any = 3.0
+    # candidate schemes: w<bits>a16 with an optional g<group size> (default 128), e.g. w2a16g64; bf16 = full precision
+    options: List[str] = field(default_factory=lambda: ["w2a16g64", "w4a16", "w8a16"])
+    # regexes matched against layer names inside a block: the layers one regex matches share one option
+    shared_layers: List[str] = field(default_factory=list)
+    # count only the weight bits (not the 16-bit scale and the zero point of each group) against the budget
+    ignore_scale_zp_bits: bool = False
+    # scoring samples, independent of the tuning data (read from data.source like it)
+    nsamples: int = 16
+    seqlen: int = 256
+
+
+@dataclass
 class SchemeConfig:
     name: str = "w4a16"
     bits: int = 4
@@ -65,6 +82,8 @@ class SchemeConfig:
     sym: bool = True
     data_type: str = "int"
     act_bits: int = 16
+    # read only when name is "auto"
+    auto: AutoSchemeConfig = field(default_factory=AutoSchemeConfig)
 
 
 @dataclass

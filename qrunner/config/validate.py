@@ -78,6 +78,9 @@ def validate(cfg: DictConfig, provenance: Provenance) -> None:
     if scheme.act_bits != 16:
         raise bad("scheme.act_bits", "16 (weight-only schemes)")
 
+    if scheme.name == "auto":
+        _check_auto(cfg, bad)
+
     if cfg.quant.iters < 0:
         raise bad("quant.iters", "0 (round-to-nearest) or a positive number of tuning iterations")
     for key in ("quant.lr", "quant.minmax_lr"):
@@ -138,6 +141,47 @@ def validate(cfg: DictConfig, provenance: Provenance) -> None:
         raise bad("family.name", ", ".join(family_names()))
 
     check_model_dir(cfg.model.path, where("model.path"))
+
+
+def budgets(auto: Any) -> list[float]:
+    """scheme.auto.avg_bits as a list of budgets (one number, or a list)."""
+    value = auto.avg_bits
+    return [float(v) for v in value] if OmegaConf.is_list(value) or isinstance(value, (list, tuple)) else [float(value)]
+
+
+def _check_auto(cfg: DictConfig, bad: Callable[..., ConfigValueError]) -> None:
+    """scheme=auto: budgets, option names and shared-layer regexes (their range against the model's layers is
+    checked once the skeleton is built, by the autoscheme stage's preflight)."""
+    from qrunner.quant.scheme import parse_scheme_name
+
+    auto = cfg.scheme.auto
+    try:
+        values = budgets(auto)
+    except (TypeError, ValueError):
+        raise bad("scheme.auto.avg_bits", "a number of bits per weight (e.g. 3) or a list of them (e.g. [2.5,3,4])")
+    if not values or any(v <= 0 for v in values) or len(set(values)) != len(values):
+        raise bad("scheme.auto.avg_bits", "positive, distinct numbers of bits per weight")
+    if len(auto.options) < 2 or len(set(auto.options)) != len(auto.options):
+        raise bad("scheme.auto.options", "at least two distinct scheme names, e.g. [w2a16g64, w4a16, w8a16]")
+    for i, name in enumerate(auto.options):
+        try:
+            parse_scheme_name(name)
+        except ValueError as err:
+            raise bad(f"scheme.auto.options.{i}", "w<bits>a16[g<group size>][_asym] with bits in "
+                      f"{', '.join(map(str, SUPPORTED_BITS))}, or bf16", str(err)) from None
+    for i, pattern in enumerate(auto.shared_layers):
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise bad(f"scheme.auto.shared_layers.{i}", f"a Python regular expression ({err})")
+    for key in ("scheme.auto.nsamples", "scheme.auto.seqlen"):
+        if OmegaConf.select(cfg, key) <= 0:
+            raise bad(key, "a positive integer")
+    for pattern, override in cfg.quant.layer_overrides.items():
+        if override.bits != 16 or override.group_size is not None or override.sym is not None:
+            raise bad(f"quant.layer_overrides.{pattern}", "only {bits: 16} with scheme=auto",
+                      "AutoScheme chooses every layer's scheme; keep a layer out of it with bits: 16 or "
+                      "quant.ignore_layers")
 
 
 def plain(cfg: DictConfig) -> Dict[str, Any]:

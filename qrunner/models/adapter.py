@@ -76,7 +76,8 @@ class FamilyAdapter:
 
     name: ClassVar[str]
     # the pipeline the family runs (stage names; the runner orders them by what each needs)
-    stages: ClassVar[Tuple[str, ...]] = ("load", "data", "capture", "quantize", "export", "evaluate", "tasks")
+    stages: ClassVar[Tuple[str, ...]] = ("load", "data", "capture", "autoscheme_scores", "autoscheme", "quantize",
+                                         "export", "evaluate", "tasks")
     model_types: ClassVar[Tuple[str, ...]]
     # candidate module-list paths holding the decoder blocks, tried in order
     block_list_candidates: ClassVar[Tuple[str, ...]]
@@ -145,6 +146,12 @@ class FamilyAdapter:
         """A checkpoint tensor (`read()` reads it) the export writes under other names (e.g. fused experts as
         per-expert weights, when `quantized` holds them), or None to copy it as stored."""
         return None
+
+    def option_group(self, rel: str) -> str:
+        """The name the layers that must share one quantization option have in common (scheme=auto): all experts
+        of a mixture-of-experts block share one (``mlp.experts.*``, as engines run an expert set as one kernel);
+        any other layer is its own."""
+        return re.sub(r"(^|\.)experts\.\d+\..*$", r"\1experts.*", rel)
 
     def plan_layers(self, model: nn.Module, block_lists: Sequence[str], bits: int, group_size: int, sym: bool,
                     ignore: Sequence[str], overrides: Sequence[Tuple[str, Dict[str, Any]]] = (),

@@ -42,7 +42,8 @@ def _short(value: Any) -> str:
 
 class Runner:
     def __init__(self, cfg: DictConfig, run_dir: Path, stage_names: Sequence[str], session: Any,
-                 log: logging.Logger, monitor: MemoryMonitor, model_id: str, forbidden_keys: Sequence[str] = ()):
+                 log: logging.Logger, monitor: MemoryMonitor, model_id: str, forbidden_keys: Sequence[str] = (),
+                 share_from: Sequence[Path] = ()):
         self.cfg = cfg
         self.run_dir = run_dir
         self.session = session
@@ -50,21 +51,30 @@ class Runner:
         self.monitor = monitor
         self.model_id = model_id
         self.store = ArtifactStore(run_dir)
+        # other run directories whose committed stages this run takes when the fingerprints match
+        self.shared = [ArtifactStore(Path(d)) for d in share_from if Path(d).resolve() != Path(run_dir).resolve()]
         self.stages: Dict[str, Stage] = {name: stage_class(name)() for name in stage_names
                                          if stage_class(name).in_pipeline(cfg)}
         for stage in self.stages.values():
             bad = [k for k in stage.reads if any(k == f or k.startswith(f + ".") for f in forbidden_keys)]
             if bad:
                 raise ValueError(f"stage {stage.name} reads {bad}, which must not change results")
-        self.order = topological_order({n: s.needs for n, s in self.stages.items()})
+        # what each stage reads from: its needs, and the stages it uses that this pipeline has
+        self.needs = {n: tuple(s.needs) + tuple(u for u in s.uses if u in self.stages) for n, s in self.stages.items()}
+        self.order = topological_order(self.needs)
         self.fingerprints = self._fingerprints()
+
+    def preflight(self) -> None:
+        """Every stage's checks against the model's structure, before anything runs."""
+        for name in self.order:
+            self.stages[name].preflight(self.cfg, self.session)
 
     def _fingerprints(self) -> Dict[str, str]:
         fps: Dict[str, str] = {}
         for name in self.order:
             stage = self.stages[name]
             fps[name] = stage_fingerprint(name, stage.version, self._reads(stage),
-                                          {n: fps[n] for n in stage.needs}, self.model_id)
+                                          {n: fps[n] for n in self.needs[name]}, self.model_id)
         return fps
 
     def _reads(self, stage: Stage) -> Dict[str, Any]:
@@ -75,6 +85,11 @@ class Runner:
         decisions: Dict[str, Optional[str]] = {}
         for name in self.order:
             manifest = self.store.manifest(name)
+            if manifest is None or manifest.get("fingerprint") != self.fingerprints[name]:
+                source = next((o for o in self.shared if self.store.adopt(name, self.fingerprints[name], o)), None)
+                if source is not None:
+                    self.log.info("stage %-9s taken from %s (same fingerprint)", name, source.run_dir)
+                    manifest = self.store.manifest(name)
             if manifest is None:
                 partial = self.store.partial(name)
                 decisions[name] = "resuming from its checkpoints" if partial.exists() else "not run yet"
@@ -102,9 +117,10 @@ class Runner:
             return f"stage version changed ({manifest.get('version')} -> {stage.version})"
         if manifest.get("model") not in (None, self.model_id):
             return "the source checkpoint changed (config.json or safetensors headers)"
-        upstream = [n for n in stage.needs if (manifest.get("upstream") or {}).get(n) != self.fingerprints[n]]
-        if upstream or any(decided.get(n) for n in stage.needs):
-            return "upstream " + ", ".join(upstream or [n for n in stage.needs if decided.get(n)]) + " changed"
+        needs = self.needs[name]
+        upstream = [n for n in needs if (manifest.get("upstream") or {}).get(n) != self.fingerprints[n]]
+        if upstream or any(decided.get(n) for n in needs):
+            return "upstream " + ", ".join(upstream or [n for n in needs if decided.get(n)]) + " changed"
         return "its inputs or settings changed"
 
     def run(self) -> List[StageResult]:
@@ -144,8 +160,8 @@ class Runner:
         units.clean_temporaries()
         ctx = StageContext(
             cfg=self.cfg, out=out, units=units, session=self.session, log=self.log, run_dir=self.run_dir,
-            inputs={n: self.store.final(n) for n in stage.needs},
-            upstream_manifests={n: self.store.manifest(n) or {} for n in stage.needs},
+            inputs={n: self.store.final(n) for n in self.needs[stage.name]},
+            upstream_manifests={n: self.store.manifest(n) or {} for n in self.needs[stage.name]},
         )
         self.monitor.begin_section(stage.name)
         started = time.time()
@@ -154,8 +170,8 @@ class Runner:
         peak = self.monitor.section_peak_mb()
         committing = time.time()
         self.store.commit(stage.name, {
-            "stage": stage.name, "version": stage.version, "fingerprint": fp, "needs": list(stage.needs),
-            "reads": self._reads(stage), "upstream": {n: self.fingerprints[n] for n in stage.needs},
+            "stage": stage.name, "version": stage.version, "fingerprint": fp, "needs": list(self.needs[stage.name]),
+            "reads": self._reads(stage), "upstream": {n: self.fingerprints[n] for n in self.needs[stage.name]},
             "model": self.model_id,
             "started_at": started, "ended_at": started + seconds, "seconds": seconds, "peak_rss_mb": peak,
             "metrics": metrics,

@@ -17,7 +17,7 @@ class StageContext:
 
     cfg: DictConfig
     out: Path  # write everything here; it is committed atomically when run() returns
-    inputs: Mapping[str, Path]  # committed folder of every stage in `needs`
+    inputs: Mapping[str, Path]  # committed folder of every stage in `needs` (and in `uses`, when in the pipeline)
     upstream_manifests: Mapping[str, Dict[str, Any]]
     units: UnitStore  # per-unit checkpoints (e.g. one per block) that survive a kill
     session: Any  # in-process objects shared between stages (loaded model, tokenizer); never on disk
@@ -31,6 +31,8 @@ class Stage:
 
     name: ClassVar[str]
     needs: ClassVar[Tuple[str, ...]] = ()
+    # upstream stages read when the pipeline has them (quantize reads the autoscheme plan under scheme=auto)
+    uses: ClassVar[Tuple[str, ...]] = ()
     # dotted config keys whose values change this stage's result (part of its fingerprint)
     reads: ClassVar[Tuple[str, ...]] = ()
     version: ClassVar[int] = 1
@@ -40,6 +42,9 @@ class Stage:
     def in_pipeline(cls, cfg: DictConfig) -> bool:
         """Whether the config asks for this stage at all (e.g. task evaluation only with eval.tasks)."""
         return True
+
+    def preflight(self, cfg: DictConfig, session: Any) -> None:
+        """Checks against the model's structure (the meta skeleton) before any stage runs; raise UserError."""
 
     def run(self, ctx: StageContext) -> Optional[Dict[str, Any]]:
         """Do the work, write files under ctx.out, return metrics for the manifest."""

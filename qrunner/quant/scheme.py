@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 SUPPORTED_BITS: tuple[int, ...] = (2, 3, 4, 8)
@@ -50,3 +51,22 @@ def validate_scheme(scheme: QuantScheme) -> None:
         raise ValueError(f"sym must be a bool, got {scheme.sym!r}")
     if scheme.data_type not in SUPPORTED_DATA_TYPES:
         raise ValueError(f"data_type={scheme.data_type!r} is not supported; allowed: {list(SUPPORTED_DATA_TYPES)}")
+
+
+FULL_PRECISION_NAMES: tuple[str, ...] = ("bf16", "fp16")
+_NAME = re.compile(r"w(\d+)a16(?:g(-1|\d+))?(_asym)?")
+
+
+def parse_scheme_name(name: str) -> QuantScheme | None:
+    """A scheme from its short name: ``w<bits>a16`` with an optional ``g<group size>`` (default 128, ``g-1`` one
+    group per row) and ``_asym``; e.g. ``w4a16``, ``w2a16g64``. ``bf16``/``fp16`` (full precision) give None.
+    Raises ValueError naming the accepted forms."""
+    text = str(name).strip().lower()
+    if text in FULL_PRECISION_NAMES:
+        return None
+    match = _NAME.fullmatch(text)
+    if not match:
+        raise ValueError(f"{name!r} is not a scheme name; use w<bits>a16[g<group size>][_asym] (e.g. w4a16, "
+                         f"w2a16g64) or bf16")
+    group = int(match.group(2)) if match.group(2) is not None else 128
+    return QuantScheme(bits=int(match.group(1)), group_size=group, sym=match.group(3) is None)

@@ -1,2 +1,3 @@
 """The stages; importing this package registers them."""
-from qrunner.stages import capture, data, evaluate, export, load, quantize, tasks  # noqa: F401
+from qrunner.stages import (autoscheme, autoscheme_scores, capture, data, evaluate, export, load, quantize,  # noqa: F401
+                            tasks)

@@ -22,6 +22,7 @@ from qrunner.pipeline.atomic import fsync_tree, remove_tree
 from qrunner.pipeline.faults import fault_point
 from qrunner.pipeline.integrity import first_problem, records
 from qrunner.pipeline.stage import Stage, StageContext, register_stage
+from qrunner.stages.layer_plan import AUTOSCHEME, planned_layers
 from qrunner.stages.load import read_model_info
 from qrunner.stages.quantize import quantized_layers, scheme_of
 
@@ -51,6 +52,7 @@ def _is_previous_export(folder: Path) -> bool:
 class ExportStage(Stage):
     name = "export"
     needs = ("load", "quantize")
+    uses = (AUTOSCHEME,)
     reads = ("export.format", "export.output_dir", "export.max_shard_size", "scheme.bits", "scheme.group_size",
              "scheme.sym", "scheme.data_type", "quant.iters", "quant.lr", "quant.minmax_lr", "quant.batch_size",
              "quant.grad_accum", "quant.minmax_tuning", "quant.quantized_inputs", "data.nsamples", "data.seqlen")
@@ -119,7 +121,7 @@ class ExportStage(Stage):
         fault_point("export.shards_written")
 
         qconfig = quantization_config(scheme, info["block_lists"], int(cfg.quant.iters),
-                                      extra_config(info["layers"], scheme), **tuning_record(cfg))
+                                      extra_config([p.__dict__ for p in planned_layers(ctx)], scheme), **tuning_record(cfg))
         config = json.loads((session.model_dir / "config.json").read_text())
         config["quantization_config"] = qconfig
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

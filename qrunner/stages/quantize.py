@@ -35,6 +35,7 @@ from qrunner.quant.opt_rtn import ImportanceCollector, quantize_weighted_rtn
 from qrunner.quant.rtn import QuantizedWeight, quantize_rtn
 from qrunner.quant.scheme import QuantScheme
 from qrunner.stages.capture import open_side_rows
+from qrunner.stages.layer_plan import AUTOSCHEME, planned_layers
 
 QUANTIZED = "quantized.safetensors"
 # the next block's inputs, committed with each block as row files (.bin + .json)
@@ -208,7 +209,7 @@ class ChainRows:
         remove_tree(self.scratch)
 
 
-def _publish_rows(rows: Rows, path: Path, *, keep_original: bool = False) -> None:
+def publish_rows(rows: Rows, path: Path, *, keep_original: bool = False) -> None:
     """Put `rows` at `path` as a row file: written from RAM, or moved (linked if still needed) from scratch."""
     if isinstance(rows, TensorRows):
         rows.save(path)
@@ -222,6 +223,7 @@ def _publish_rows(rows: Rows, path: Path, *, keep_original: bool = False) -> Non
 class QuantizeStage(Stage):
     name = "quantize"
     needs = ("load", "capture")
+    uses = (AUTOSCHEME,)  # scheme=auto: each layer's scheme from the plan
     reads = ("scheme.bits", "scheme.group_size", "scheme.sym", "scheme.data_type", "quant.iters", "quant.lr",
              "quant.minmax_lr", "quant.batch_size", "quant.grad_accum", "quant.minmax_tuning",
              "quant.quantized_inputs", "quant.opt_rtn", "quant.amp_bf16", "quant.compile", "quant.seed",
@@ -238,7 +240,7 @@ class QuantizeStage(Stage):
     def run(self, ctx: StageContext) -> Dict[str, Any]:
         session, cfg = ctx.session, ctx.cfg
         names = session.block_names()
-        plan_by_block = _plan_by_block(session.layer_plan, names)
+        plan_by_block = _plan_by_block(planned_layers(ctx), names)
         per_block = load_block_inputs(ctx.inputs["capture"], session.compute_dtype)
         settings = tune_settings(cfg)
         chains = ChainRows(ctx.out / SCRATCH, session.activations_on_disk)
@@ -305,14 +307,14 @@ class QuantizeStage(Stage):
 
             def write(tmp: Path) -> Dict[str, Any]:
                 save_quantized(weights, tmp / QUANTIZED)
-                _publish_rows(target, tmp / FPCHAIN, keep_original=next_q is target)
-                _publish_rows(next_q, tmp / QCHAIN)
+                publish_rows(target, tmp / FPCHAIN, keep_original=next_q is target)
+                publish_rows(next_q, tmp / QCHAIN)
                 for folder, rows_by_name, keep in ((SIDE_FP, target_side, next_q is target),
                                                    (SIDE_Q, next_q_side, False)):
                     if rows_by_name:
                         (tmp / folder).mkdir()
                     for rows_name, rows in rows_by_name.items():
-                        _publish_rows(rows, tmp / folder / rows_name, keep_original=keep)
+                        publish_rows(rows, tmp / folder / rows_name, keep_original=keep)
                 return {"block": name, "index": index, "layers": sorted(weights), "loss": loss,
                         "loss_rtn": loss_rtn, "side_outputs": sorted(writes.values()), **tuning}
 

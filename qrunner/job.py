@@ -1,0 +1,102 @@
+"""One qrunner job: validate the config, choose the memory mode, run the stage DAG in its run directory and
+write the report. `cli` runs one job per budget when scheme=auto is given several."""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+
+from qrunner.config import schema
+from qrunner.errors import UserError
+
+
+def choose_memory(cfg: DictConfig, session: Any, log: logging.Logger) -> Dict[str, Any]:
+    """memory.mode, with memory=auto resolved from the predicted peaks and the RAM budget."""
+    from qrunner.memory.predict import choose_mode
+
+    memory = {"mode": cfg.memory.mode.value}
+    if memory["mode"] == "auto":
+        memory = choose_mode(cfg, session)
+        log.info("memory=auto: predicted peak %s MB, budget %.1f GB -> %s", memory["predicted_peak_mb"],
+                 memory["budget_gb"], memory["mode"])
+        if memory["mode"] is None:
+            raise UserError(f"memory=auto: no memory mode fits memory.budget_gb={memory['budget_gb']} "
+                            f"(predicted peaks {memory['predicted_peak_mb']} MB); raise memory.budget_gb, "
+                            "lower data.nsamples / data.seqlen, or set memory=low to try anyway")
+    return memory
+
+
+def run_job(cfg: DictConfig, recipe: str, overrides: List[str], share_from: Sequence[Path] = ()) -> Dict[str, Any]:
+    """Run the pipeline of a validated config; returns the report. Committed stages of the run directories in
+    `share_from` with the same fingerprint are reused instead of recomputed."""
+    import torch
+
+    from qrunner.memory.monitor import MemoryMonitor, process_peak_mb
+    from qrunner.memory.trim import freeze_long_lived_objects
+    from qrunner.models.adapter import full_precision_layers, kernel_warning
+    from qrunner.models.registry import get_family
+    from qrunner.pipeline.fingerprint import model_identity
+    from qrunner.pipeline.lock import RunLock
+    from qrunner.pipeline.runner import Runner
+    from qrunner.pipeline.status import report_status
+    from qrunner.report.write import build_report, print_summary, write_report
+    from qrunner.rundir import clear_run_dir, run_dir_for, save_config, setup_logging
+    from qrunner.session import ModelSession
+    from qrunner.stages.layer_plan import AUTOSCHEME, read_plan
+    from qrunner.supervise import restarts
+
+    started = time.time()
+    monitor = MemoryMonitor().start()
+    adapter = get_family(cfg.family.name)
+    session = ModelSession(cfg, adapter, logging.getLogger("qrunner"))
+    session.preflight()  # on the meta skeleton: nothing loaded yet
+    plain = schema.as_plain(cfg)
+    run_dir = run_dir_for(plain, recipe)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with RunLock(run_dir):
+        if cfg.run.fresh:
+            clear_run_dir(run_dir)
+        log = setup_logging(run_dir)
+        log.info("run directory %s", run_dir)
+        kept = kernel_warning(session.layer_plan)
+        if kept:
+            log.warning(kept)
+        memory = choose_memory(cfg, session, log)
+        session.memory_mode = memory["mode"]
+        log.info("memory mode: %s", memory["mode"])
+        report_status(mode=memory["mode"], run_dir=str(run_dir), on_oom=cfg.run.on_oom.value)
+        for attempt in restarts():
+            log.warning("restarted after %s in memory=%s at %s (peak RSS %s MB) -> memory=%s", attempt["cause"],
+                        attempt["mode"], attempt["where"], attempt["peak_rss_mb"], attempt["restart_mode"])
+        save_config(run_dir, OmegaConf.to_yaml(cfg, resolve=True), overrides)
+        runner = Runner(cfg, run_dir, adapter.stages, session, log, monitor, model_identity(session.model_dir),
+                        forbidden_keys=schema.NON_SEMANTIC_KEYS, share_from=share_from)
+        runner.preflight()
+        freeze_long_lived_objects()
+        try:
+            results = runner.run()
+        except (MemoryError, torch.OutOfMemoryError):
+            report_status(peak_rss_mb=round(process_peak_mb()))
+            raise
+        monitor.stop()
+        plain["_recipe"] = recipe
+        report = build_report(plain, run_dir, results, monitor, memory, time.time() - started)
+        report["restarts"] = restarts()
+        plan = session.layer_plan
+        if AUTOSCHEME in runner.stages:
+            autoscheme = read_plan(runner.store.final(AUTOSCHEME))
+            plan = [dataclass_plan(p) for p in autoscheme.pop("layers")]
+            report["autoscheme"] = autoscheme
+        report["full_precision_layers"] = full_precision_layers(plan)
+        write_report(report, run_dir)
+        print_summary(report)
+        return report
+
+
+def dataclass_plan(entry: Dict[str, Any]) -> Any:
+    from qrunner.models.adapter import LayerPlan
+
+    return LayerPlan(**entry)
