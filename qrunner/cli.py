@@ -48,6 +48,9 @@ def execute(cfg: DictConfig, recipe: str, choices: dict, overrides: List[str]) -
         done.append(Path(report["run_dir"]))
         summaries.append(budget_summary(budget, report))
     report["budgets"] = summaries
+    from qrunner.report.write import write_report
+
+    write_report(report, Path(report["run_dir"]))  # the last budget's report lists them all
     print_budgets(summaries)
     return report
 
@@ -57,12 +60,13 @@ def _check_budgets(cfg: DictConfig) -> None:
     import logging
 
     from qrunner.models.registry import get_family
-    from qrunner.pipeline.stage import stage_class
+    from qrunner.pipeline.runner import preflight_stages
     from qrunner.session import ModelSession
 
-    session = ModelSession(cfg, get_family(cfg.family.name), logging.getLogger("qrunner"))
+    adapter = get_family(cfg.family.name)
+    session = ModelSession(cfg, adapter, logging.getLogger("qrunner"))
     session.preflight()
-    stage_class("autoscheme")().preflight(cfg, session)
+    preflight_stages(cfg, adapter.stages, session)
 
 
 def budget_summary(budget: float, report: dict) -> dict:

@@ -29,9 +29,15 @@ def choose_memory(cfg: DictConfig, session: Any, log: logging.Logger) -> Dict[st
     return memory
 
 
+def sibling_run_dirs(run_dir: Path) -> List[Path]:
+    """The other run directories beside `run_dir` (same run.root and recipe): their committed stages are taken
+    when the fingerprints match (e.g. another budget's scores, another scheme's calibration inputs)."""
+    return sorted(d for d in run_dir.parent.iterdir() if d.is_dir() and d != run_dir and (d / "stages").is_dir())
+
+
 def run_job(cfg: DictConfig, recipe: str, overrides: List[str], share_from: Sequence[Path] = ()) -> Dict[str, Any]:
-    """Run the pipeline of a validated config; returns the report. Committed stages of the run directories in
-    `share_from` with the same fingerprint are reused instead of recomputed."""
+    """Run the pipeline of a validated config; returns the report. Committed stages with the same fingerprint in
+    the run directories of `share_from` and beside this run's are taken instead of recomputed."""
     import torch
 
     from qrunner.memory.monitor import MemoryMonitor, process_peak_mb
@@ -40,7 +46,7 @@ def run_job(cfg: DictConfig, recipe: str, overrides: List[str], share_from: Sequ
     from qrunner.models.registry import get_family
     from qrunner.pipeline.fingerprint import model_identity
     from qrunner.pipeline.lock import RunLock
-    from qrunner.pipeline.runner import Runner
+    from qrunner.pipeline.runner import Runner, preflight_stages
     from qrunner.pipeline.status import report_status
     from qrunner.report.write import build_report, print_summary, write_report
     from qrunner.rundir import clear_run_dir, run_dir_for, save_config, setup_logging
@@ -53,6 +59,7 @@ def run_job(cfg: DictConfig, recipe: str, overrides: List[str], share_from: Sequ
     adapter = get_family(cfg.family.name)
     session = ModelSession(cfg, adapter, logging.getLogger("qrunner"))
     session.preflight()  # on the meta skeleton: nothing loaded yet
+    preflight_stages(cfg, adapter.stages, session)
     plain = schema.as_plain(cfg)
     run_dir = run_dir_for(plain, recipe)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -73,8 +80,8 @@ def run_job(cfg: DictConfig, recipe: str, overrides: List[str], share_from: Sequ
                         attempt["mode"], attempt["where"], attempt["peak_rss_mb"], attempt["restart_mode"])
         save_config(run_dir, OmegaConf.to_yaml(cfg, resolve=True), overrides)
         runner = Runner(cfg, run_dir, adapter.stages, session, log, monitor, model_identity(session.model_dir),
-                        forbidden_keys=schema.NON_SEMANTIC_KEYS, share_from=share_from)
-        runner.preflight()
+                        forbidden_keys=schema.NON_SEMANTIC_KEYS,
+                        share_from=[*share_from, *sibling_run_dirs(run_dir)])
         freeze_long_lived_objects()
         try:
             results = runner.run()

@@ -40,6 +40,15 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+def preflight_stages(cfg: DictConfig, stage_names: Sequence[str], session: Any) -> None:
+    """The checks of every stage the config puts in the pipeline against the model's structure (the meta
+    skeleton), before a run directory is made or anything runs."""
+    for name in stage_names:
+        stage = stage_class(name)
+        if stage.in_pipeline(cfg):
+            stage().preflight(cfg, session)
+
+
 class Runner:
     def __init__(self, cfg: DictConfig, run_dir: Path, stage_names: Sequence[str], session: Any,
                  log: logging.Logger, monitor: MemoryMonitor, model_id: str, forbidden_keys: Sequence[str] = (),
@@ -64,11 +73,6 @@ class Runner:
         self.order = topological_order(self.needs)
         self.fingerprints = self._fingerprints()
 
-    def preflight(self) -> None:
-        """Every stage's checks against the model's structure, before anything runs."""
-        for name in self.order:
-            self.stages[name].preflight(self.cfg, self.session)
-
     def _fingerprints(self) -> Dict[str, str]:
         fps: Dict[str, str] = {}
         for name in self.order:
@@ -85,7 +89,8 @@ class Runner:
         decisions: Dict[str, Optional[str]] = {}
         for name in self.order:
             manifest = self.store.manifest(name)
-            if manifest is None or manifest.get("fingerprint") != self.fingerprints[name]:
+            stale = manifest is None or manifest.get("fingerprint") != self.fingerprints[name]
+            if stale and self.stages[name].shareable:
                 source = next((o for o in self.shared if self.store.adopt(name, self.fingerprints[name], o)), None)
                 if source is not None:
                     self.log.info("stage %-9s taken from %s (same fingerprint)", name, source.run_dir)

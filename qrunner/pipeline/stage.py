@@ -36,6 +36,9 @@ class Stage:
     # dotted config keys whose values change this stage's result (part of its fingerprint)
     reads: ClassVar[Tuple[str, ...]] = ()
     version: ClassVar[int] = 1
+    # whether another run directory's committed result with the same fingerprint may be taken (False for stages
+    # whose result lives outside their folder, as the export's does)
+    shareable: ClassVar[bool] = True
     description: ClassVar[str] = ""
 
     @classmethod

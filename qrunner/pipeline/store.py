@@ -82,6 +82,10 @@ class ArtifactStore:
         tmp = self.stages_dir / f".tmp-{name}-adopted"
         remove_tree(tmp)
         shutil.copytree(other.final(name), tmp, copy_function=_link_or_copy)
+        copied = json.loads((tmp / MANIFEST).read_text())
+        if copied.get("fingerprint") != fingerprint or first_problem(tmp, copied.get("files", {})):
+            remove_tree(tmp)  # the other run replaced it while it was copied
+            return False
         remove_tree(self.partial(name))
         publish_dir(tmp, self.final(name))
         return True

@@ -9,6 +9,7 @@ from typing import Any, Dict, List, Optional
 
 from qrunner.memory.monitor import MemoryMonitor, process_peak_mb
 from qrunner.pipeline.runner import StageResult
+from qrunner.report.autoscheme import autoscheme_table, budgets_table, plot_autoscheme, summary_line
 
 
 def build_report(cfg_plain: Dict[str, Any], run_dir: Path, results: List[StageResult], monitor: MemoryMonitor,
@@ -117,6 +118,7 @@ def markdown(report: Dict[str, Any], images: List[Path]) -> str:
         for key in ("ppl_original", "ppl_quantized", "ppl_ratio"):
             if key in q:
                 lines.append(f"| {key.replace('ppl_', '')} | {q[key]:.4f} |")
+    lines += autoscheme_table(report.get("autoscheme")) + budgets_table(report.get("budgets"))
     lines += task_table(report.get("tasks") or {})
     if report["block_loss"]:
         rtn = report.get("block_loss_rtn") or report["block_loss"]
@@ -161,7 +163,8 @@ def task_table(tasks: Dict[str, Any]) -> List[str]:
 
 def write_report(report: Dict[str, Any], run_dir: Path) -> Path:
     images = [p for p in (plot_memory(report, run_dir / "memory.png"),
-                          plot_block_loss(report, run_dir / "block_loss.png")) if p]
+                          plot_block_loss(report, run_dir / "block_loss.png"),
+                          plot_autoscheme(report, run_dir / "bits_per_layer.png")) if p]
     (run_dir / "report.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
     md = run_dir / "report.md"
     md.write_text(markdown(report, images))
@@ -185,6 +188,8 @@ def print_summary(report: Dict[str, Any]) -> None:
         if "ppl_original" in q:
             text = f"perplexity: original {q['ppl_original']:.4f}, {text[12:]} (x{q['ppl_ratio']:.4f})"
         console.print(text)
+    if report.get("autoscheme"):
+        console.print(summary_line(report["autoscheme"]))
     tuned, rtn = report["block_loss"], report.get("block_loss_rtn")
     if tuned and rtn and report["quant"]["iters"]:
         before, after = sum(rtn) / len(rtn), sum(tuned) / len(tuned)

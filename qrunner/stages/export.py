@@ -53,6 +53,7 @@ class ExportStage(Stage):
     name = "export"
     needs = ("load", "quantize")
     uses = (AUTOSCHEME,)
+    shareable = False  # the checkpoint is written at export.output_dir, outside the stage folder
     reads = ("export.format", "export.output_dir", "export.max_shard_size", "scheme.bits", "scheme.group_size",
              "scheme.sym", "scheme.data_type", "quant.iters", "quant.lr", "quant.minmax_lr", "quant.batch_size",
              "quant.grad_accum", "quant.minmax_tuning", "quant.quantized_inputs", "data.nsamples", "data.seqlen")
