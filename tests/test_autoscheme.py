@@ -27,7 +27,7 @@ def stage_dir(report, name) -> Path:
 
 def whole_model_scores(model_dir: Path, overrides, options):
     """Reference: the whole model in RAM, every block linear replaced by its RTN value as a leaf tensor, one
-    autograd backward of the mean next-token loss over all scoring samples."""
+    autograd backward of the mean next-token loss per scoring batch; |grad ⊙ (W − Ŵ)| summed over batches."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from qrunner.stages.autoscheme_scores import scoring_windows
@@ -46,20 +46,25 @@ def whole_model_scores(model_dir: Path, overrides, options):
         for n, m in layers.items():
             m.weight.data = quantize_rtn(originals[n].float(), scheme).dequantize(torch.float32)
             m.weight.requires_grad_(True)
-        loss = model(input_ids=windows, labels=windows, use_cache=False).loss
-        grads = torch.autograd.grad(loss, [m.weight for m in layers.values()])
-        scores = {n: float((g.double() * (originals[n].double() - m.weight.detach().double())).abs().sum())
-                  for (n, m), g in zip(layers.items(), grads)}
-        out[option] = (float(loss.detach()), scores)
+        scores, total = dict.fromkeys(layers, 0.0), 0.0
+        for start in range(0, len(windows), int(cfg.scheme.auto.batch_size)):
+            batch = windows[start:start + int(cfg.scheme.auto.batch_size)]
+            loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+            grads = torch.autograd.grad(loss, [m.weight for m in layers.values()])
+            for (n, m), g in zip(layers.items(), grads):
+                scores[n] += float((g.double() * (originals[n].double() - m.weight.detach().double())).abs().sum())
+            total += float(loss.detach()) * len(batch)
+        out[option] = (total / len(windows), scores)
         for n, m in layers.items():
             m.weight.requires_grad_(False)
             m.weight.data = originals[n]
     return out
 
 
-@pytest.mark.parametrize("mode", ["high", "low"])
-def test_block_streamed_scores_equal_a_whole_model_backward(tiny_llama, tmp_path, mode):
-    overrides = auto_overrides(tiny_llama, tmp_path, f"memory={mode}", "eval.enabled=false")
+@pytest.mark.parametrize("mode, batch", [("high", 12), ("low", 8)], ids=["high-one-batch", "low-batches-8-4"])
+def test_block_streamed_scores_equal_a_whole_model_backward(tiny_llama, tmp_path, mode, batch):
+    overrides = auto_overrides(tiny_llama, tmp_path, f"memory={mode}", "eval.enabled=false",
+                               f"scheme.auto.batch_size={batch}")
     report = run_inprocess(overrides)
     scores = json.loads((stage_dir(report, "autoscheme_scores") / "scores.json").read_text())
     reference = whole_model_scores(tiny_llama, overrides, scores["options"])

@@ -72,6 +72,9 @@ class AutoSchemeConfig:
     # scoring samples, independent of the tuning data (read from data.source like it)
     nsamples: int = 16
     seqlen: int = 256
+    # samples per scoring backward: a layer's score sums |dL_b/dŴ ⊙ (W − Ŵ)| over the batches b (auto-round's way);
+    # nsamples or more = one gradient of the loss on all samples
+    batch_size: int = 8
 
 
 @dataclass

@@ -174,7 +174,7 @@ def _check_auto(cfg: DictConfig, bad: Callable[..., ConfigValueError]) -> None:
             re.compile(pattern)
         except re.error as err:
             raise bad(f"scheme.auto.shared_layers.{i}", f"a Python regular expression ({err})")
-    for key in ("scheme.auto.nsamples", "scheme.auto.seqlen"):
+    for key in ("scheme.auto.nsamples", "scheme.auto.seqlen", "scheme.auto.batch_size"):
         if OmegaConf.select(cfg, key) <= 0:
             raise bad(key, "a positive integer")
     for pattern, override in cfg.quant.layer_overrides.items():

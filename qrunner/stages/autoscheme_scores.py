@@ -1,8 +1,10 @@
 """autoscheme_scores: for every candidate scheme and every quantizable layer, the first-order estimate of how
 much the model's loss grows when that layer is quantized with that scheme, sum |dL/dŴ ⊙ (W − Ŵ)|.
 
-For one option, every scored layer is quantized with it at once (round-to-nearest) and L is the model's own
-next-token loss (mean over every predicted token) on the scoring samples. The gradient is computed with one
+For one option, every scored layer is quantized with it at once (round-to-nearest) and L_b is the model's own
+next-token loss (mean over every predicted token) on scoring batch b (`scheme.auto.batch_size` samples, as
+auto-round's AutoScheme takes one backward per batch); a layer's score is the sum over batches of
+sum |dL_b/dŴ ⊙ (W − Ŵ)|. A batch size of at least nsamples is the gradient of the loss on all samples. The gradient is computed with one
 block in RAM at a time: a no-grad forward through the blocks keeps each block's input (RAM in high/medium, row
 files in low); the loss and its gradient with respect to the last block's output come from the head alone; then
 a reverse replay recomputes one block at a time with autograd, accumulates its layers' weight gradients into
@@ -65,7 +67,8 @@ def read_scores(stage_dir: Any) -> Dict[str, Any]:
 class AutoSchemeScoresStage(Stage):
     name = "autoscheme_scores"
     needs = ("load",)
-    reads = ("scheme.name", "scheme.auto.options", "scheme.auto.nsamples", "scheme.auto.seqlen", "data.source",
+    reads = ("scheme.name", "scheme.auto.options", "scheme.auto.nsamples", "scheme.auto.seqlen",
+             "scheme.auto.batch_size", "data.source",
              "data.format", "data.text_field", "data.separator", "data.split_paragraphs", "data.seed",
              "model.compute_dtype")
     version = 1
@@ -114,6 +117,7 @@ class OptionReplay:
     def __init__(self, ctx: StageContext, key: str, scheme: Any, windows: torch.Tensor, scored: set) -> None:
         self.ctx, self.key, self.scheme, self.windows, self.scored = ctx, key, scheme, windows, scored
         self.session = ctx.session
+        self.batch = max(1, min(int(ctx.cfg.scheme.auto.batch_size), len(windows)))
         self.n_blocks = len(self.session.block_names())
 
     def unit(self, index: Optional[int]) -> str:
@@ -203,6 +207,7 @@ class OptionReplay:
         session = self.session
         n, seqlen = self.windows.shape
         tokens = n * (seqlen - 1)
+        scoring = [b for b in batches(n, self.batch)]
         grad = store.new_shaped("grad_head", n, last.row_shape, torch.float32)
         total = 0.0
         with session.head_model() as model:
@@ -212,7 +217,8 @@ class OptionReplay:
                 labels = self.windows[r.start:r.stop, 1:]
                 nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
                                                         reduction="sum")
-                (g,) = torch.autograd.grad(nll / tokens, [h])
+                in_batch = len(scoring[r.start // self.batch]) * (seqlen - 1)  # L_b: the mean over its batch
+                (g,) = torch.autograd.grad(nll / in_batch, [h])
                 grad.write(r.start, g.float())
                 total += float(nll.detach())
         loss = total / tokens
@@ -241,12 +247,13 @@ class OptionReplay:
             diffs = {full: p.detach().float() - qw.dequantize(torch.float32) for (full, p), qw
                      in zip(params.items(), weights.values())}
             sums = {full: torch.zeros(p.shape, dtype=torch.float32) for full, p in params.items()}
+            totals = {full: 0.0 for full in params}
             src = open_block_rows(x, reads, lambda g: side[g])
             with fake_quantized(block, name, weights):
                 for p in params.values():
                     p.requires_grad_(True)
                 try:
-                    for r in batches(len(x), BATCH):
+                    for r in micro_batches(len(x), self.batch):
                         values = src.read(r)
                         h = values[HIDDEN].detach().requires_grad_(True)
                         read_in = {local: values[local].detach().requires_grad_(True) for local in side_reads}
@@ -261,6 +268,10 @@ class OptionReplay:
                         for (full, _), g in zip(params.items(), grads):
                             if g is not None:
                                 sums[full] += g.float()
+                        if r.stop % self.batch == 0 or r.stop == len(x):  # a scoring batch is complete
+                            for full in params:
+                                totals[full] += float((sums[full].double() * diffs[full].double()).abs().sum())
+                                sums[full].zero_()
                         g_h = grads[len(params)]
                         grad_in.write(r.start, (g_h if g_h is not None else torch.zeros_like(h)).float())
                         for (local, rows_name), g in zip(side_reads.items(), grads[len(params) + 1:]):
@@ -269,7 +280,7 @@ class OptionReplay:
                 finally:
                     for p in params.values():
                         p.requires_grad_(False)
-            scores = {full: float((sums[full].double() * diffs[full].double()).abs().sum()) for full in params}
+            scores = totals
             del sums, diffs, weights, params
         for rows_name in writes.values():  # paid to the block that wrote them
             owed.pop(rows_name, None)
@@ -297,6 +308,12 @@ class OptionReplay:
         x_grad = store.wrap(ActivationFile.open(unit / GRAD)) if index > 0 else grad_in
         release_freed_memory()
         return x_grad, (_open_owed(store, unit) if index > 0 else {})
+
+
+def micro_batches(n: int, batch: int) -> List[range]:
+    """Row ranges of at most BATCH rows that never straddle two scoring batches of `batch` rows."""
+    return [r for b in batches(n, batch) for r in (range(b.start + s.start, b.start + s.stop)
+                                                   for s in batches(len(b), BATCH))]
 
 
 def _add_rows(store: ChainRows, into: Dict[str, Rows], rows_name: str, r: range, value: torch.Tensor, n: int) -> None:
