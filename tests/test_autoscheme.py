@@ -61,7 +61,8 @@ def whole_model_scores(model_dir: Path, overrides, options):
     return out
 
 
-@pytest.mark.parametrize("mode, batch", [("high", 12), ("low", 8)], ids=["high-one-batch", "low-batches-8-4"])
+@pytest.mark.parametrize("mode, batch", [pytest.param("high", 12, marks=pytest.mark.slow), ("low", 8)],
+                         ids=["high-one-batch", "low-batches-8-4"])
 def test_block_streamed_scores_equal_a_whole_model_backward(tiny_llama, tmp_path, mode, batch):
     overrides = auto_overrides(tiny_llama, tmp_path, f"memory={mode}", "eval.enabled=false",
                                f"scheme.auto.batch_size={batch}")
