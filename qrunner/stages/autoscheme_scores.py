@@ -244,11 +244,10 @@ class OptionReplay:
         with session.block(index) as (name, block):
             weights = self._quantized(block, name)
             params = {full: get_module(block, full[len(name) + 1:]).weight for full in weights}
-            diffs = {full: p.detach().float() - qw.dequantize(torch.float32) for (full, p), qw
-                     in zip(params.items(), weights.values())}
-            sums = {full: torch.zeros(p.shape, dtype=torch.float32) for full, p in params.items()}
-            totals = {full: 0.0 for full in params}
+            originals = {full: p.data for full, p in params.items()}  # W; fake_quantized puts Ŵ in its place
+            scores = {full: 0.0 for full in params}
             src = open_block_rows(x, reads, lambda g: side[g])
+            release_freed_memory()
             with fake_quantized(block, name, weights):
                 for p in params.values():
                     p.requires_grad_(True)
@@ -263,25 +262,27 @@ class OptionReplay:
                             if rows_name in owed:
                                 outputs.append(made[local])
                                 upstream.append(owed[rows_name].read(r).to(made[local].dtype))
-                        wrt = [*params.values(), h, *read_in.values()]
-                        grads = torch.autograd.grad(outputs, wrt, upstream, allow_unused=True)
-                        for (full, _), g in zip(params.items(), grads):
-                            if g is not None:
-                                sums[full] += g.float()
+                        # weight gradients add up in .grad over the micro-batches of one scoring batch
+                        torch.autograd.backward(outputs, upstream, inputs=[*params.values(), h, *read_in.values()])
+                        del out, made, outputs, upstream
                         if r.stop % self.batch == 0 or r.stop == len(x):  # a scoring batch is complete
-                            for full in params:
-                                totals[full] += float((sums[full].double() * diffs[full].double()).abs().sum())
-                                sums[full].zero_()
-                        g_h = grads[len(params)]
-                        grad_in.write(r.start, (g_h if g_h is not None else torch.zeros_like(h)).float())
-                        for (local, rows_name), g in zip(side_reads.items(), grads[len(params) + 1:]):
+                            for full, p in params.items():
+                                if p.grad is not None:
+                                    change = originals[full].float() - p.data.float()
+                                    scores[full] += float(change.mul_(p.grad).abs_().sum(dtype=torch.float64))
+                                    p.grad = None
+                                    del change
+                        grad_in.write(r.start, (h.grad if h.grad is not None else torch.zeros_like(h)).float())
+                        for local, rows_name in side_reads.items():
+                            g = read_in[local].grad
                             _add_rows(store, new_owed, rows_name, r, g if g is not None else
                                       torch.zeros_like(read_in[local]), len(x))
+                        del h, read_in, values
                 finally:
                     for p in params.values():
                         p.requires_grad_(False)
-            scores = totals
-            del sums, diffs, weights, params
+                        p.grad = None
+            del weights, params, originals
         for rows_name in writes.values():  # paid to the block that wrote them
             owed.pop(rows_name, None)
         for rows_name, rows in new_owed.items():
