@@ -180,3 +180,22 @@ def test_bad_autoscheme_settings_stop_before_anything_runs(tiny_llama, tmp_path,
         run_inprocess(auto_overrides(tiny_llama, tmp_path, *extra))
     assert message in str(err.value)
     assert not list(tmp_path.rglob("stages")) and not (tmp_path / "demo").exists()
+
+
+def test_memory_auto_counts_the_scoring_inputs_kept_in_ram(tiny_llama, tmp_path):
+    """high/medium keep every block's input of the option being scored: memory=auto's prediction says so."""
+    import logging
+
+    from qrunner.memory.predict import predict_peaks_mb
+    from qrunner.models.registry import get_family
+    from qrunner.session import ModelSession
+
+    def peaks(*extra):
+        cfg, _ = compose(tiny_overrides(tiny_llama, tmp_path, *extra))
+        return predict_peaks_mb(cfg, ModelSession(cfg, get_family("llm"), logging.getLogger("test")))
+
+    uniform = peaks()
+    auto = peaks("scheme=auto", "scheme.auto.nsamples=512", "scheme.auto.seqlen=1024")
+    kept_mb = 3 * 512 * 1024 * 64 * 4 / 2**20  # blocks x samples x seqlen x hidden x fp32
+    assert auto["medium"] - uniform["medium"] >= kept_mb
+    assert auto["low"] - uniform["low"] < kept_mb / 10

@@ -12,6 +12,10 @@ dominates every mode:
 - `medium`: plus the larger of the input embeddings (capture; with the vision tower for image–text
   calibration) and the output head (evaluate), and the four activation sets;
 - `low`: plus the larger of the embeddings and the head; activations are read from disk per mini-batch.
+
+With scheme=auto the scoring stage can be the larger one: the block being replayed with its weight gradients,
+and, in `high` and `medium`, every block's input of the option being scored (blocks x nsamples x seqlen x
+hidden; `low` keeps them in row files).
 """
 from __future__ import annotations
 
@@ -52,11 +56,20 @@ def predict_peaks_mb(cfg: Any, session: Any) -> Dict[str, float]:
     backward = mb_tokens * (10 * hidden + 4 * inter) * 4 if int(q.iters) > 0 else mb_tokens * (2 * hidden + inter) * 4
     activations = 4 * int(cfg.data.nsamples) * int(cfg.data.seqlen) * hidden * c
     common = INTERPRETER_MB * MB + tuning + backward
-    return {
-        "high": (common + total * c + activations) / MB,
-        "medium": (common + (block_params + edge) * c + activations) / MB,
-        "low": (common + (block_params + edge) * c) / MB,
+    peaks = {
+        "high": common + total * c + activations,
+        "medium": common + (block_params + edge) * c + activations,
+        "low": common + (block_params + edge) * c,
     }
+    if cfg.scheme.name == "auto":
+        a = cfg.scheme.auto
+        kept = len(blocks) * int(a.nsamples) * int(a.seqlen) * hidden * c
+        replay = (INTERPRETER_MB * MB + block_params * (c + 8)
+                  + min(int(a.batch_size), 8) * int(a.seqlen) * (10 * hidden + 4 * inter) * 4)
+        scoring = {"high": replay + total * c + kept, "medium": replay + (block_params + edge) * c + kept,
+                   "low": replay + (block_params + edge) * c}
+        peaks = {mode: max(peaks[mode], scoring[mode]) for mode in peaks}
+    return {mode: value / MB for mode, value in peaks.items()}
 
 
 def choose_mode(cfg: Any, session: Any) -> Dict[str, Any]:
