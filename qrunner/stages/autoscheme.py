@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections import Counter
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Tuple
 
 from qrunner.config.validate import budgets
 from qrunner.errors import UserError
@@ -140,6 +140,3 @@ def planned(plan: LayerPlan, option: Any) -> LayerPlan:
         return dataclasses.replace(plan, quantize=False, reason="scheme=auto chose bf16", bits=16, group_size=-1)
     return dataclasses.replace(plan, bits=scheme.bits, group_size=scheme.group_size, sym=scheme.sym)
 
-
-def plan_summary(layers: Sequence[LayerPlan]) -> Dict[str, int]:
-    return dict(Counter(f"w{p.bits}g{p.group_size}" if p.quantize else "bf16" for p in layers))

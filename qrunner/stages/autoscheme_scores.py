@@ -28,6 +28,7 @@ from qrunner.errors import UserError
 from qrunner.memory.activations import ActivationFile, Rows, batches
 from qrunner.memory.trim import release_freed_memory
 from qrunner.models.adapter import HIDDEN, get_module
+from qrunner.pipeline.atomic import remove_tree
 from qrunner.pipeline.faults import fault_point
 from qrunner.pipeline.stage import Stage, StageContext, register_stage
 from qrunner.quant.rtn import quantize_rtn
@@ -128,9 +129,11 @@ class OptionReplay:
         resume = n  # replay continues at block resume-1: blocks resume..n-1 are committed
         while resume > 0 and units.done(self.unit(resume - 1)):
             resume -= 1
-        if resume < n and not ActivationFile.exists(units.path(self.unit(resume)) / GRAD) and resume > 0:
-            self.ctx.log.warning("autoscheme: %s: the gradient kept with block %d is missing; replaying the option "
+        if 0 < resume < n and not ActivationFile.exists(units.path(self.unit(resume)) / GRAD):
+            self.ctx.log.warning("autoscheme: %s: the gradient kept with block %d is missing; scoring the option "
                                  "again", self.key, resume)
+            for key in [self.unit(None), *map(self.unit, range(n))]:
+                remove_tree(units.path(key))
             resume = n
         if resume > 0:
             self._replay(resume, desc)
