@@ -17,8 +17,9 @@ forward of the option it was in and continues the replay at the block after the 
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from types import SimpleNamespace
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from tqdm import tqdm
@@ -27,15 +28,14 @@ from qrunner.data_sources import text_windows
 from qrunner.errors import UserError
 from qrunner.memory.activations import ActivationFile, Rows, batches
 from qrunner.memory.trim import release_freed_memory
-from qrunner.models.adapter import HIDDEN, get_module
+from qrunner.models.adapter import HIDDEN
 from qrunner.pipeline.atomic import remove_tree
 from qrunner.pipeline.faults import fault_point
 from qrunner.pipeline.stage import Stage, StageContext, register_stage
 from qrunner.quant.rtn import quantize_rtn
 from qrunner.quant.scheme import parse_scheme_name
 from qrunner.stages.capture import capture_block_inputs
-from qrunner.stages.quantize import (BATCH, ChainRows, block_inputs, fake_quantized, forward_rows, open_block_rows,
-                                     publish_rows)
+from qrunner.stages.quantize import BATCH, ChainRows, block_inputs, forward_rows, open_block_rows, publish_rows
 
 SCORES = "scores.json"
 GRAD = "grad"  # in a unit: the gradient of the loss with respect to the input of the block (or head) it holds
@@ -143,13 +143,25 @@ class OptionReplay:
         return units.info(self.unit(None))["loss"], scores
 
     # ---- weights of the option ----------------------------------------------------------------
-    def _quantized(self, block: torch.nn.Module, name: str) -> Dict[str, Any]:
-        out = {}
-        for rel, layer in self.session.adapter.linears(block):
-            full = f"{name}.{rel}"
-            if full in self.scored:
-                out[full] = quantize_rtn(layer.weight.detach().float(), self.scheme)
-        return out
+    @contextmanager
+    def _option_weights(self, block: torch.nn.Module, name: str
+                        ) -> Iterator[Tuple[Dict[str, torch.nn.Parameter], Dict[str, torch.Tensor]]]:
+        """The block with each scored layer's weight replaced by its round-to-nearest value Ŵ under the option,
+        one layer at a time (no block's worth of codes held); yields (parameters, original weights W) by layer name
+        and puts the originals back on exit."""
+        saved: Dict[str, Tuple[torch.nn.Module, torch.Tensor]] = {}
+        try:
+            for rel, layer in self.session.adapter.linears(block):
+                full = f"{name}.{rel}"
+                if full in self.scored:
+                    weight = layer.weight
+                    saved[full] = (layer, weight.data)
+                    weight.data = quantize_rtn(weight.detach().float(), self.scheme).dequantize(weight.dtype)
+            yield ({full: layer.weight for full, (layer, _) in saved.items()},
+                   {full: original for full, (_, original) in saved.items()})
+        finally:
+            for layer, original in saved.values():
+                layer.weight.data = original
 
     # ---- the three passes ----------------------------------------------------------------------
     def _replay(self, resume: int, desc: str) -> None:
@@ -192,7 +204,7 @@ class OptionReplay:
                 break
             shared, reads = block_inputs(session, per_block, index)
             writes = adapter.side_io(session.hf_config, index)[1]
-            with session.block(index) as (name, block), fake_quantized(block, name, self._quantized(block, name)):
+            with session.block(index) as (name, block), self._option_weights(block, name):
                 y = store.new(f"x_{index + 1}", x)
                 src = open_block_rows(x, reads, lambda g: side[g])
                 made = forward_rows(adapter, block, src, shared, y, writes,
@@ -245,13 +257,11 @@ class OptionReplay:
         grad_in = store.new_shaped(f"grad_{index}", len(x), x.row_shape, torch.float32)
         new_owed: Dict[str, Rows] = {}
         with session.block(index) as (name, block):
-            weights = self._quantized(block, name)
-            params = {full: get_module(block, full[len(name) + 1:]).weight for full in weights}
-            originals = {full: p.data for full, p in params.items()}  # W; fake_quantized puts Ŵ in its place
-            scores = {full: 0.0 for full in params}
+            scores: Dict[str, float] = {}
             src = open_block_rows(x, reads, lambda g: side[g])
             release_freed_memory()
-            with fake_quantized(block, name, weights):
+            with self._option_weights(block, name) as (params, originals):
+                scores = {full: 0.0 for full in params}
                 for p in params.values():
                     p.requires_grad_(True)
                 try:
@@ -285,7 +295,7 @@ class OptionReplay:
                     for p in params.values():
                         p.requires_grad_(False)
                         p.grad = None
-            del weights, params, originals
+            del params, originals
         for rows_name in writes.values():  # paid to the block that wrote them
             owed.pop(rows_name, None)
         for rows_name, rows in new_owed.items():
