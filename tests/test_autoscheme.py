@@ -16,9 +16,9 @@ from qrunner.quant.scheme import parse_scheme_name
 OPTIONS = "scheme.auto.options=[w2a16g32,w4a16g32,bf16]"
 
 
-def auto_overrides(model, root, *extra):
+def auto_overrides(model, root, *extra, nsamples=4):
     return tiny_overrides(model, root, "scheme=auto", OPTIONS, "scheme.auto.avg_bits=3", "scheme.auto.seqlen=64",
-                          "scheme.auto.nsamples=12", "quant.iters=0", *extra)
+                          f"scheme.auto.nsamples={nsamples}", "quant.iters=0", *extra)
 
 
 def stage_dir(report, name) -> Path:
@@ -65,7 +65,7 @@ def whole_model_scores(model_dir: Path, overrides, options):
                          ids=["high-one-batch", "low-batches-8-4"])
 def test_block_streamed_scores_equal_a_whole_model_backward(tiny_llama, tmp_path, mode, batch):
     overrides = auto_overrides(tiny_llama, tmp_path, f"memory={mode}", "eval.enabled=false",
-                               f"scheme.auto.batch_size={batch}")
+                               f"scheme.auto.batch_size={batch}", nsamples=12)
     report = run_inprocess(overrides)
     scores = json.loads((stage_dir(report, "autoscheme_scores") / "scores.json").read_text())
     reference = whole_model_scores(tiny_llama, overrides, scores["options"])
@@ -87,7 +87,7 @@ def test_side_values_carry_gradients_back_gemma4_kv_sharing(tmp_path):
 
     model_dir = make_tiny_gemma4(tmp_path / "model", "ple_kv", layers=4)
     overrides = auto_overrides(model_dir, tmp_path, "family=gemma4", "memory=low", "eval.enabled=false",
-                               "scheme.auto.options=[w2a16g32,bf16]", "scheme.auto.avg_bits=8")
+                               "scheme.auto.options=[w2a16g32,bf16]", "scheme.auto.avg_bits=8", nsamples=12)
     report = run_inprocess(overrides)
     scores = json.loads((stage_dir(report, "autoscheme_scores") / "scores.json").read_text())
     loss, expected = whole_model_scores(model_dir, overrides, ["w2a16g32"])["w2a16g32"]

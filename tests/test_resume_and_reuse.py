@@ -70,11 +70,14 @@ def test_scheme_change_gets_its_own_run_directory(tiny_llama, tmp_path):
     w8 = run_inprocess(tiny_overrides(tiny_llama, tmp_path, "scheme=w8a16"))
     assert w4["run_dir"] != w8["run_dir"]
     assert w8["quality"]["ppl_quantized"] != w4["quality"]["ppl_quantized"]
-    # what the scheme does not change is taken from the W4 run beside it (same fingerprints), not recomputed
-    assert stage_status(w8) == {"load": "reused", "data": "reused", "capture": "reused", "quantize": "ran",
-                                "export": "ran", "evaluate": "ran"}
+    # another tuning setting: its own run directory, but what it does not change is taken from the W4 run beside
+    # it (same fingerprints) instead of recomputed
+    rtn = run_inprocess(tiny_overrides(tiny_llama, tmp_path, "quant.iters=0"))
+    assert rtn["run_dir"] not in (w4["run_dir"], w8["run_dir"])
+    assert stage_status(rtn) == {"load": "reused", "data": "reused", "capture": "reused", "quantize": "ran",
+                                 "export": "ran", "evaluate": "ran"}
     captured = Path(w4["run_dir"]) / "stages" / "capture"
-    assert tree_bytes(Path(w8["run_dir"]) / "stages" / "capture") == tree_bytes(captured)
+    assert tree_bytes(Path(rtn["run_dir"]) / "stages" / "capture") == tree_bytes(captured)
 
 
 def test_deleted_export_is_rewritten(tiny_llama, tmp_path):
