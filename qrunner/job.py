@@ -51,7 +51,7 @@ def run_job(cfg: DictConfig, recipe: str, overrides: List[str], share_from: Sequ
     from qrunner.report.write import build_report, print_summary, write_report
     from qrunner.rundir import clear_run_dir, run_dir_for, save_config, setup_logging
     from qrunner.session import ModelSession
-    from qrunner.stages.layer_plan import AUTOSCHEME, read_plan
+    from qrunner.stages.layer_plan import AUTOSCHEME, plan_layers, read_plan
     from qrunner.supervise import restarts
 
     started = time.time()
@@ -95,15 +95,10 @@ def run_job(cfg: DictConfig, recipe: str, overrides: List[str], share_from: Sequ
         plan = session.layer_plan
         if AUTOSCHEME in runner.stages:
             autoscheme = read_plan(runner.store.final(AUTOSCHEME))
-            plan = [dataclass_plan(p) for p in autoscheme.pop("layers")]
-            report["autoscheme"] = autoscheme
+            plan = plan_layers(autoscheme)
+            report["autoscheme"] = {k: v for k, v in autoscheme.items() if k != "layers"}
         report["full_precision_layers"] = full_precision_layers(plan)
         write_report(report, run_dir)
         print_summary(report)
         return report
 
-
-def dataclass_plan(entry: Dict[str, Any]) -> Any:
-    from qrunner.models.adapter import LayerPlan
-
-    return LayerPlan(**entry)

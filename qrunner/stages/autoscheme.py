@@ -21,7 +21,7 @@ from qrunner.pipeline.stage import Stage, StageContext, register_stage
 from qrunner.quant.bit_budget import Item, layer_cost_bits, max_cost, min_cost, solve
 from qrunner.quant.scheme import parse_scheme_name
 from qrunner.stages.autoscheme_scores import read_scores
-from qrunner.stages.layer_plan import AUTOSCHEME, write_plan
+from qrunner.stages.layer_plan import AUTOSCHEME, scheme_is_auto, write_plan
 
 
 @dataclasses.dataclass
@@ -90,7 +90,7 @@ class AutoSchemeStage(Stage):
 
     @classmethod
     def in_pipeline(cls, cfg: Any) -> bool:
-        return cfg.scheme.name == "auto"
+        return scheme_is_auto(cfg)
 
     def preflight(self, cfg: Any, session: Any) -> None:
         low, high = decisions(cfg, session).avg_bits_range()

@@ -35,6 +35,7 @@ from qrunner.pipeline.stage import Stage, StageContext, register_stage
 from qrunner.quant.rtn import quantize_rtn
 from qrunner.quant.scheme import parse_scheme_name
 from qrunner.stages.capture import capture_block_inputs
+from qrunner.stages.layer_plan import scheme_is_auto
 from qrunner.stages.quantize import BATCH, ChainRows, block_inputs, forward_rows, open_block_rows, publish_rows
 
 SCORES = "scores.json"
@@ -77,7 +78,7 @@ class AutoSchemeScoresStage(Stage):
 
     @classmethod
     def in_pipeline(cls, cfg: Any) -> bool:
-        return cfg.scheme.name == "auto"
+        return scheme_is_auto(cfg)
 
     def estimate_bytes(self, cfg: Any, session: Any) -> int:
         """low: every block's input of one option, plus two gradients in flight, on disk."""
@@ -257,7 +258,6 @@ class OptionReplay:
         grad_in = store.new_shaped(f"grad_{index}", len(x), x.row_shape, torch.float32)
         new_owed: Dict[str, Rows] = {}
         with session.block(index) as (name, block):
-            scores: Dict[str, float] = {}
             src = open_block_rows(x, reads, lambda g: side[g])
             release_freed_memory()
             with self._option_weights(block, name) as (params, originals):

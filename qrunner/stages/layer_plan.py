@@ -21,8 +21,18 @@ def read_plan(folder: Path) -> Dict[str, Any]:
     return json.loads((folder / PLAN).read_text())
 
 
+def plan_layers(plan: Dict[str, Any]) -> List[LayerPlan]:
+    """The layers of a plan read with `read_plan`."""
+    return [LayerPlan(**p) for p in plan["layers"]]
+
+
 def planned_layers(ctx: StageContext) -> List[LayerPlan]:
     """Every block linear's plan for this run (the stage must list AUTOSCHEME in its `uses`)."""
     if AUTOSCHEME in ctx.inputs:
-        return [LayerPlan(**p) for p in read_plan(ctx.inputs[AUTOSCHEME])["layers"]]
+        return plan_layers(read_plan(ctx.inputs[AUTOSCHEME]))
     return list(ctx.session.layer_plan)
+
+
+def scheme_is_auto(cfg: Any) -> bool:
+    """Whether the AutoScheme stages are in the pipeline (scheme=auto)."""
+    return cfg.scheme.name == "auto"
