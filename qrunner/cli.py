@@ -119,7 +119,10 @@ def _hydra_entry(cfg: DictConfig) -> Any:
 
 
 def main() -> None:
+    from qrunner.memory.trim import prefer_huge_pages
     from qrunner.supervise import should_supervise, supervise
+
+    prefer_huge_pages()  # before torch is imported here or in the supervised child
 
     argv = sys.argv[1:]
     if should_supervise(argv):

@@ -8,9 +8,9 @@ low); the run directory is the same, so the restart resumes from the committed a
 last status record (QRUNNER_STATUS) says which mode it ran in and where it was. When `low` fails too, the
 parent stops with a report of where and what to try. With run.on_oom=fail the child's exit is passed on.
 
-The parent sets no allocator variables: a fixed MALLOC_MMAP_THRESHOLD_ (large tensors from mmap, returned
-when freed) made the tuning loop 34 % slower here (every activation page faulted in anew); qrunner calls
-`malloc_trim` after each block instead (qrunner.memory.trim).
+The child inherits THP_MEM_ALLOC_ENABLE=1 from the entry point (qrunner.memory.trim.prefer_huge_pages). No
+MALLOC_MMAP_THRESHOLD_: fixed, it made the tuning loop 34 % slower here (every activation page faulted in anew);
+qrunner calls `malloc_trim` after each block instead.
 """
 from __future__ import annotations
 

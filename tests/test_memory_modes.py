@@ -161,3 +161,43 @@ def test_embedding_tables_are_read_by_rows(tiny_llama, tmp_path, monkeypatch):
     assert max(n for _, n in calls) <= 64 < len(table)  # at most one window's distinct ids (seqlen 64)
     high = _run(tiny_llama, tmp_path / "high", "memory=high")
     assert tree_bytes(Path(high["export_dir"])) == tree_bytes(Path(low["export_dir"]))
+
+
+
+_THP_PROBE = """
+import re
+from qrunner.memory.trim import prefer_huge_pages
+on = prefer_huge_pages()
+import torch
+t = torch.ones(64 << 20, dtype=torch.uint8)
+inside, huge = False, 0
+for line in open("/proc/self/smaps"):
+    m = re.match(r"([0-9a-f]+)-([0-9a-f]+) ", line)
+    if m:
+        inside = int(m.group(1), 16) <= t.data_ptr() < int(m.group(2), 16)
+    elif inside and line.startswith("AnonHugePages:"):
+        huge = int(line.split()[1])
+print(on, huge)
+"""
+
+
+@pytest.mark.skipif("[never]" in (Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+                                  if Path("/sys/kernel/mm/transparent_hugepage/enabled").exists() else "[never]"),
+                    reason="transparent huge pages are off on this machine")
+@pytest.mark.parametrize("preset, huge", [(None, True), ("0", False)])
+def test_large_tensors_sit_on_huge_pages_unless_the_user_says_no(preset, huge):
+    """The entry point's prefer_huge_pages() (called before torch is imported) puts torch's large tensors on
+    transparent huge pages (what keeps the AutoScheme replay's transient from wandering with heap fragmentation);
+    a value the user set is kept."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    if preset is not None:
+        env["THP_MEM_ALLOC_ENABLE"] = preset
+    out = subprocess.run([sys.executable, "-c", _THP_PROBE], env=env, capture_output=True, text=True,
+                         check=True).stdout
+    on, huge_kib = out.split()
+    assert on == str(huge)
+    assert (int(huge_kib) >= 2048) == huge, f"{huge_kib} KiB of the 64 MiB tensor on huge pages"

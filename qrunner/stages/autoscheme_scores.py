@@ -226,6 +226,7 @@ class OptionReplay:
         scoring = [b for b in batches(n, self.batch)]
         grad = store.new_shaped("grad_head", n, last.row_shape, torch.float32)
         total = 0.0
+        release_freed_memory()  # the forward's last temporaries go back before the head's weights arrive
         with session.head_model() as model:
             for r in batches(n, 1):
                 h = last.read(r).detach().requires_grad_(True)
@@ -245,6 +246,7 @@ class OptionReplay:
 
         self.ctx.units.commit(self.unit(None), write)
         fault_point("autoscheme.head_committed")
+        release_freed_memory()
 
     def _block_backward(self, store: ChainRows, index: int, x: Rows, side: Dict[str, Rows],
                         per_block: List[Dict[str, Any]], grad_out: Rows, owed: Dict[str, Rows]
