@@ -15,7 +15,8 @@ def test_wheel_contains_configs_and_works_outside_the_source_tree(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     for required in ("qrunner/conf/config.yaml", "qrunner/conf/scheme/w4a16.yaml", "qrunner/recipes/demo.yaml",
                      "qrunner/recipes/qwen3_w4a16.yaml", "qrunner/assets/demo-llama/model.safetensors",
-                     "qrunner/assets/corpus/calibration.txt", "hydra_plugins/qrunner_recipes/__init__.py"):
+                     "qrunner/assets/corpus/calibration.txt", "qrunner/assets/prompts.txt",
+                     "hydra_plugins/qrunner_recipes/__init__.py"):
         assert required in names, required
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
