@@ -77,3 +77,38 @@ def test_block_major_loop_gives_the_pipelines_latents(kind):
     assert fetched == list(range(len(blocks))) * STEPS
     rows = len(embeds) * (1 if kind == "flux" else 2)  # SD3 with guidance: negative and positive rows
     assert seen == [(s, i, rows) for s in range(STEPS) for i in range(len(blocks))]
+
+
+@pytest.mark.parametrize("kind", ["flux", "sd3"])
+def test_from_prompts_to_latents_as_the_whole_pipeline_does(kind, tmp_path):
+    """Prompts encoded with the text encoders alone (no denoiser, no VAE loaded), then the block-major loop over
+    the transformer read from the folder: the latents diffusers' full pipeline gives for the same prompts."""
+    from diffusers import DiffusionPipeline
+
+    from qrunner.models.diffusion import read_pipeline_folder
+    from qrunner.models.diffusion_sampling import encode_prompts
+    from tiny_diffusion import make_tiny_pipeline
+
+    folder = read_pipeline_folder(make_tiny_pipeline(kind, tmp_path / kind, full=True))
+    prompts, guidance, length = ["a red cat on a mat", "a lighthouse at dawn"], 4.0, 16
+    embeds = encode_prompts(folder, prompts, "", guidance, length)
+    assert embeds.text.shape[:2] == (2, length if kind == "flux" else 77 + length)
+    assert (embeds.negative_text is None) == (kind == "flux")
+
+    pipe = DiffusionPipeline.from_pretrained(str(folder.path))
+    expected = pipe(prompt=prompts, height=SIZE, width=SIZE, num_inference_steps=STEPS, guidance_scale=guidance,
+                    max_sequence_length=length, generator=torch.Generator().manual_seed(0),
+                    output_type="latent").images
+    model = pipe.transformer
+    spec, sampling = SPECS[type(model).__name__], SAMPLINGS[type(model).__name__]
+    blocks = [b for _, b in spec.blocks(model)]
+
+    @contextmanager
+    def block_at(i):
+        yield blocks[i]
+
+    latents = sampling.initial_latents(model.config, 2, SIZE, SIZE, pipe.vae_scale_factor,
+                                       torch.Generator().manual_seed(0))
+    got = denoise_block_major(spec, sampling, model, block_at, type(pipe.scheduler).from_config(pipe.scheduler.config),
+                              embeds, latents, STEPS, guidance, SIZE, SIZE, pipe.vae_scale_factor, batch=1)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)

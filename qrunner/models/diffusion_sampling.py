@@ -12,7 +12,7 @@ reused), so that qrunner's block-major loop reproduces their latents.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Dict, Optional
+from typing import Any, ClassVar, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -35,6 +35,11 @@ class Sampling:
     """One pipeline class's sampling loop, piece by piece."""
 
     pipeline: ClassVar[str]
+
+    def encode(self, pipe: Any, prompts: List[str], negative_prompt: str, guidance_scale: float,
+               max_sequence_length: int) -> PromptEmbeds:
+        """The prompts through the pipeline's own `encode_prompt` (its text encoders only)."""
+        raise NotImplementedError
 
     def latent_channels(self, config: Any) -> int:
         raise NotImplementedError
@@ -69,6 +74,11 @@ def _shift(scheduler: Any, image_seq_len: int) -> float:
 
 class FluxSampling(Sampling):
     pipeline = "FluxPipeline"
+
+    def encode(self, pipe: Any, prompts: List[str], negative_prompt: str, guidance_scale: float,
+               max_sequence_length: int) -> PromptEmbeds:
+        text, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, max_sequence_length=max_sequence_length)
+        return PromptEmbeds(text.float(), pooled.float())
 
     def latent_channels(self, config: Any) -> int:
         return int(config.in_channels) // 4
@@ -108,6 +118,15 @@ class FluxSampling(Sampling):
 
 class SD3Sampling(Sampling):
     pipeline = "StableDiffusion3Pipeline"
+
+    def encode(self, pipe: Any, prompts: List[str], negative_prompt: str, guidance_scale: float,
+               max_sequence_length: int) -> PromptEmbeds:
+        cfg = self.uses_cfg(guidance_scale)
+        text, negative, pooled, negative_pooled = pipe.encode_prompt(
+            prompt=prompts, prompt_2=None, prompt_3=None, do_classifier_free_guidance=cfg,
+            negative_prompt=negative_prompt if cfg else None, max_sequence_length=max_sequence_length)
+        return PromptEmbeds(text.float(), pooled.float(), None if negative is None else negative.float(),
+                            None if negative_pooled is None else negative_pooled.float())
 
     def latent_channels(self, config: Any) -> int:
         return int(config.in_channels)
@@ -150,3 +169,25 @@ class SD3Sampling(Sampling):
 
 
 SAMPLINGS: Dict[str, Sampling] = {"FluxTransformer2DModel": FluxSampling(), "SD3Transformer2DModel": SD3Sampling()}
+
+
+@torch.no_grad()
+def encode_prompts(folder: Any, prompts: List[str], negative_prompt: str = "", guidance_scale: float = 1.0,
+                   max_sequence_length: int = 256, dtype: torch.dtype = torch.float32) -> PromptEmbeds:
+    """The prompts' embeddings from the pipeline folder's text encoders, loaded without the denoiser and the VAE
+    and released on return: nothing of them is resident when the transformer's blocks are read."""
+    from diffusers import DiffusionPipeline
+
+    from qrunner.memory.trim import release_freed_memory
+
+    import diffusers
+    from packaging.version import Version
+
+    dtype_key = "dtype" if Version(diffusers.__version__) >= Version("0.42") else "torch_dtype"  # renamed in 0.42
+    pipe = DiffusionPipeline.from_pretrained(str(folder.path), transformer=None, vae=None, **{dtype_key: dtype})
+    try:
+        return SAMPLINGS[folder.denoiser_class].encode(pipe, list(prompts), negative_prompt, guidance_scale,
+                                                      max_sequence_length)
+    finally:
+        del pipe
+        release_freed_memory()
