@@ -112,3 +112,43 @@ def test_from_prompts_to_latents_as_the_whole_pipeline_does(kind, tmp_path):
     got = denoise_block_major(spec, sampling, model, block_at, type(pipe.scheduler).from_config(pipe.scheduler.config),
                               embeds, latents, STEPS, guidance, SIZE, SIZE, pipe.vae_scale_factor, batch=1)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", DIFFUSION_KINDS)
+def test_streamed_from_the_shards_one_block_at_a_time_equals_the_transformer_in_ram(kind, tmp_path):
+    """memory=medium/low: a meta skeleton, the outer modules and one block read from sharded safetensors at a
+    time; the latents equal those of the whole transformer in RAM (memory=high), bit for bit."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from qrunner.diffusion_session import DenoiserSession
+    from qrunner.models.diffusion import read_pipeline_folder
+    from tiny_diffusion import make_tiny_pipeline
+
+    root = make_tiny_pipeline(kind, tmp_path / kind)
+    make_tiny_transformer(kind).save_pretrained(root / "transformer", max_shard_size="150KB")  # several shards
+    assert (root / "transformer" / "diffusion_pytorch_model.safetensors.index.json").is_file()
+    folder = read_pipeline_folder(root)
+    embeds = _embeds(kind, make_tiny_transformer(kind))
+    results, most_blocks = {}, 0
+    for streams in (False, True):
+        session = DenoiserSession(folder, streams_blocks=streams)
+        spec, sampling = session.spec, SAMPLINGS[folder.denoiser_class]
+        resident: List[int] = []
+
+        @contextmanager
+        def block_at(i):
+            with session.block(i) as (_, block):
+                if streams:  # how many blocks hold real weights right now
+                    resident.append(sum(not next(b.parameters()).is_meta for _, b in spec.blocks(session.skeleton)))
+                yield block
+
+        with session.outer() as model:
+            latents = sampling.initial_latents(model.config, len(embeds), SIZE, SIZE, VAE_SCALE,
+                                               torch.Generator().manual_seed(0))
+            results[streams] = denoise_block_major(spec, sampling, model, block_at, FlowMatchEulerDiscreteScheduler(),
+                                                   embeds, latents, STEPS, 3.5, SIZE, SIZE, VAE_SCALE)
+        if streams:
+            most_blocks = max(resident)
+            assert all(p.is_meta for p in session.skeleton.parameters())  # everything went back
+    assert most_blocks == 1
+    assert torch.equal(results[True], results[False])

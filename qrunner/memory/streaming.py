@@ -23,6 +23,7 @@ from torch import nn
 from qrunner.errors import UserError
 
 INDEX = "model.safetensors.index.json"
+INDEXES = (INDEX, "diffusion_pytorch_model.safetensors.index.json")  # transformers', diffusers' sharded checkpoints
 _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                        "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
                        "U8": torch.uint8, "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn,
@@ -38,7 +39,8 @@ class CheckpointReader:
         self.renamed: Dict[str, str] = {}  # model tensor name -> checkpoint key, where they differ
         self.model_name_of: Dict[str, str] = {}
         self.shard_of: Dict[str, Path] = {}
-        index = self.model_dir / INDEX
+        index = next((self.model_dir / name for name in INDEXES if (self.model_dir / name).is_file()),
+                     self.model_dir / INDEX)
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]

@@ -222,6 +222,14 @@ def read_pipeline_folder(path: Any) -> PipelineFolder:
     return folder
 
 
+def dtype_argument(dtype: torch.dtype) -> Dict[str, torch.dtype]:
+    """diffusers' `from_pretrained` dtype keyword: `dtype` from 0.42 on (`torch_dtype` is deprecated there)."""
+    import diffusers
+    from packaging.version import Version
+
+    return {"dtype" if Version(diffusers.__version__) >= Version("0.42") else "torch_dtype": dtype}
+
+
 def denoiser_skeleton(folder: PipelineFolder, dtype: Optional[torch.dtype] = None) -> nn.Module:
     """The denoiser with every parameter on the meta device, built from its config.json."""
     from accelerate import init_empty_weights

@@ -180,11 +180,9 @@ def encode_prompts(folder: Any, prompts: List[str], negative_prompt: str = "", g
 
     from qrunner.memory.trim import release_freed_memory
 
-    import diffusers
-    from packaging.version import Version
+    from qrunner.models.diffusion import dtype_argument
 
-    dtype_key = "dtype" if Version(diffusers.__version__) >= Version("0.42") else "torch_dtype"  # renamed in 0.42
-    pipe = DiffusionPipeline.from_pretrained(str(folder.path), transformer=None, vae=None, **{dtype_key: dtype})
+    pipe = DiffusionPipeline.from_pretrained(str(folder.path), transformer=None, vae=None, **dtype_argument(dtype))
     try:
         return SAMPLINGS[folder.denoiser_class].encode(pipe, list(prompts), negative_prompt, guidance_scale,
                                                       max_sequence_length)
