@@ -16,15 +16,16 @@ __all__ = ["INDEX_FILE", "SINGLE_FILE", "ShardedSafetensorsWriter", "shard_name"
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+PREFIX = "model"  # transformers' file names; diffusers' models use "diffusion_pytorch_model"
 
 
-def shard_name(k: int, n: int) -> str:
+def shard_name(k: int, n: int, prefix: str = PREFIX) -> str:
     """``model-0000k-of-0000n.safetensors`` (1-based ``k``)."""
-    return f"model-{k:05d}-of-{n:05d}.safetensors"
+    return f"{prefix}-{k:05d}-of-{n:05d}.safetensors"
 
 
-def _partial_name(k: int) -> str:
-    return f".model-{k:05d}.safetensors.partial"
+def _partial_name(k: int, prefix: str = PREFIX) -> str:
+    return f".{prefix}-{k:05d}.safetensors.partial"
 
 
 _DTYPES = {
@@ -93,13 +94,14 @@ class ShardedSafetensorsWriter:
     Each tensor's bytes go to the running shard's spool file when added; a full shard gets its header and
     is written out from the spool. ``close()`` gives
     the shards their final names: ``model.safetensors`` when there is one, otherwise
-    ``model-0000k-of-0000n.safetensors`` plus ``model.safetensors.index.json``. The same
-    tensors added in the same order give byte-identical files. A tensor larger than
-    ``max_shard_bytes`` gets a shard of its own.
+    ``model-0000k-of-0000n.safetensors`` plus ``model.safetensors.index.json`` (``prefix`` in place of
+    ``model``: ``diffusion_pytorch_model`` for a diffusers model). The same tensors added in the same order give
+    byte-identical files. A tensor larger than ``max_shard_bytes`` gets a shard of its own.
     """
 
     def __init__(
-        self, out_dir: str | os.PathLike[str], max_shard_bytes: int, metadata: Mapping[str, str] | None = None
+        self, out_dir: str | os.PathLike[str], max_shard_bytes: int, metadata: Mapping[str, str] | None = None,
+        prefix: str = PREFIX,
     ) -> None:
         if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int) or max_shard_bytes <= 0:
             raise ValueError(f"max_shard_bytes must be a positive int, got {max_shard_bytes!r}")
@@ -107,9 +109,10 @@ class ShardedSafetensorsWriter:
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
             raise ValueError("safetensors metadata keys and values must be strings")
         self.out_dir = Path(out_dir)
+        self.prefix = prefix
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        stale = sorted(p.name for p in self.out_dir.iterdir() if p.name.startswith(("model", ".model")))
-        if any(n.endswith((".safetensors", ".partial", INDEX_FILE)) for n in stale):
+        stale = sorted(p.name for p in self.out_dir.iterdir() if p.name.startswith((prefix, f".{prefix}")))
+        if any(n.endswith((".safetensors", ".partial", ".safetensors.index.json")) for n in stale):
             raise FileExistsError(f"{self.out_dir} already holds checkpoint files: {stale}")
         self.max_shard_bytes = max_shard_bytes
         self.metadata = meta
@@ -155,7 +158,7 @@ class ShardedSafetensorsWriter:
         if self._spool is not None and self._spool.nbytes and self._spool.nbytes + nbytes > self.max_shard_bytes:
             self._flush()
         if self._spool is None:
-            self._spool = _Spool(self.out_dir / f".model-{len(self._partials) + 1:05d}.spool")
+            self._spool = _Spool(self.out_dir / f".{self.prefix}-{len(self._partials) + 1:05d}.spool")
         written = self._spool.add(name, dtype, shape, parts)
         if written != nbytes:
             raise ValueError(f"{name}: parts hold {written} bytes, shape {shape} of {dtype} needs {nbytes}")
@@ -166,7 +169,7 @@ class ShardedSafetensorsWriter:
         if self._spool is None:
             return
         k = len(self._partials) + 1
-        path = self.out_dir / _partial_name(k)
+        path = self.out_dir / _partial_name(k, self.prefix)
         self._spool.write_shard(path, self.metadata)
         for name in self._spool.entries:
             self._shard_of[name] = k
@@ -183,17 +186,17 @@ class ShardedSafetensorsWriter:
         if n == 0:
             raise ValueError("no tensors were added")
         if n == 1:
-            final = self.out_dir / SINGLE_FILE
+            final = self.out_dir / f"{self.prefix}.safetensors"
             os.replace(self._partials[0], final)
             return [final]
-        finals = [self.out_dir / shard_name(k, n) for k in range(1, n + 1)]
+        finals = [self.out_dir / shard_name(k, n, self.prefix) for k in range(1, n + 1)]
         for partial, final in zip(self._partials, finals):
             os.replace(partial, final)
         index = {
             "metadata": {"total_size": self._total_size},
-            "weight_map": {name: shard_name(k, n) for name, k in sorted(self._shard_of.items())},
+            "weight_map": {name: shard_name(k, n, self.prefix) for name, k in sorted(self._shard_of.items())},
         }
-        index_path = self.out_dir / INDEX_FILE
+        index_path = self.out_dir / f"{self.prefix}.safetensors.index.json"
         index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         return [*finals, index_path]
 

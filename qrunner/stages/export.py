@@ -16,8 +16,9 @@ from omegaconf import DictConfig
 
 from qrunner.config.validate import parse_size
 from qrunner.errors import UserError
-from qrunner.export.auto_round import checkpoint_group_size, pack_layer, quantization_config
+from qrunner.export.auto_round import checkpoint_group_size, quantization_config
 from qrunner.export.shards import ShardedSafetensorsWriter
+from qrunner.export.stream import write_quantized_tensors
 from qrunner.pipeline.atomic import fsync_tree, remove_tree
 from qrunner.pipeline.faults import fault_point
 from qrunner.pipeline.integrity import first_problem, records
@@ -29,19 +30,10 @@ from qrunner.stages.quantize import quantized_layers, scheme_of
 WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "model.safetensors.index.json",
                 "pytorch_model.bin.index.json")
 RECORD = "export.json"
-COPY_PART_BYTES = 64 << 20  # unquantized tensors are copied in row blocks of this size
 
 
 def output_dir(cfg: DictConfig, run_dir: Path) -> Path:
     return Path(cfg.export.output_dir).expanduser().resolve() if cfg.export.output_dir else run_dir / "model"
-
-
-def source_shards(model_dir: Path) -> List[Path]:
-    index = model_dir / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return [model_dir / f for f in sorted(set(weight_map.values()))]
-    return sorted(model_dir.glob("*.safetensors"))
 
 
 def _is_previous_export(folder: Path) -> bool:
@@ -79,45 +71,8 @@ class ExportStage(Stage):
 
         layers = quantized_layers(ctx.inputs["quantize"])
         writer = ShardedSafetensorsWriter(tmp, parse_size(cfg.export.max_shard_size))
-        packed: set = set()
-        reader = session.reader  # one tensor in RAM at a time, no lingering mapped pages
-        by_shard: Dict[Path, List[str]] = {}
-        for key, shard in reader.shard_of.items():
-            by_shard.setdefault(shard, []).append(key)
-        for shard in source_shards(session.model_dir):
-            for stored in sorted(by_shard.get(shard, [])):
-                # tensors keep the checkpoint's own names; quantized layers are found by the model's names
-                name = reader.model_name(stored)
-                module, _, leaf = name.rpartition(".")
-                stored_module = stored.rpartition(".")[0]
-                if module in layers:
-                    if leaf == "weight":
-                        bias = reader.read(f"{module}.bias") if reader.source_key(f"{module}.bias") else None
-                        for suffix, tensor in pack_layer(layers[module], bias).items():
-                            writer.add(f"{stored_module}.{suffix}", tensor)
-                        packed.add(module)
-                    elif leaf != "bias":
-                        writer.add(stored, reader.read_stored(stored))
-                    continue
-                parts = session.adapter.split_source_tensor(name, lambda: reader.read_stored(stored), layers)
-                if parts is None:  # copied as stored; a large tensor in row blocks, never whole in RAM
-                    dtype, shape = reader.stored_meta(stored)
-                    writer.add_parts(stored, dtype, shape, reader.stored_row_parts(stored, COPY_PART_BYTES)
-                                     if len(shape) >= 1 else [reader.read_stored(stored)])
-                    continue
-                for part_name, part in parts.items():  # e.g. fused experts written per expert
-                    part_module = part_name.rpartition(".")[0]
-                    stored_part = stored_module + part_name[len(module):]
-                    if part_module in layers:
-                        for suffix, packed_tensor in pack_layer(layers[part_module], None).items():
-                            writer.add(f"{stored_part.rpartition('.')[0]}.{suffix}", packed_tensor)
-                        packed.add(part_module)
-                    else:
-                        writer.add(stored_part, part.contiguous())
-        missing = sorted(set(layers) - packed)
-        if missing:
-            raise RuntimeError(f"export: {len(missing)} quantized layers have no weight in the source checkpoint "
-                               f"(e.g. {missing[:3]}); the checkpoint and the model skeleton disagree")
+        packed = write_quantized_tensors(session.reader, session.model_dir, layers, writer,
+                                         session.adapter.split_source_tensor)
         shards = writer.close()
         fault_point("export.shards_written")
 
