@@ -70,6 +70,7 @@ def child(folder: str, mode: str, samples: int, steps: int, size: int, text_toke
 
     from qrunner.denoise import denoise_block_major
     from qrunner.diffusion_session import DenoiserSession
+    from qrunner.memory.trim import freeze_long_lived_objects
     from qrunner.models.diffusion import read_pipeline_folder
     from qrunner.models.diffusion_sampling import SAMPLINGS, PromptEmbeds
 
@@ -77,6 +78,8 @@ def child(folder: str, mode: str, samples: int, steps: int, size: int, text_toke
     session = DenoiserSession(pipeline, torch.float32, streams_blocks=(mode == "stream"))
     sampling = SAMPLINGS[pipeline.denoiser_class]
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(str(pipeline.path / "scheduler"))
+    _ = session.skeleton
+    freeze_long_lived_objects()  # as a qrunner job does: the per-block collections then skip the imports
     g = torch.Generator().manual_seed(0)
     with session.outer() as model:
         cfg = model.config
