@@ -18,6 +18,7 @@ transformer's own forward, which is what lets qrunner hold one block at a time.
 from __future__ import annotations
 
 import json
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Dict, List, Optional, Sequence, Tuple
@@ -44,7 +45,7 @@ class BlockValues:
     shared: Dict[str, Any] = field(default_factory=dict)
 
 
-class DenoiserSpec:
+class DenoiserSpec(ABC):
     """What qrunner knows of one denoiser class."""
 
     class_name: ClassVar[str]
@@ -59,18 +60,21 @@ class DenoiserSpec:
         """Every block in execution order, with its module name."""
         return [(f"{name}.{i}", block) for name in self.block_lists for i, block in enumerate(getattr(model, name))]
 
+    @abstractmethod
     def prologue(self, model: nn.Module, **inputs: Any) -> Tuple[BlockValues, Dict[str, Any]]:
         """The forward up to the first block: the first block's values, and what the epilogue needs."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def run_block(self, block: nn.Module, values: BlockValues) -> Dict[str, Optional[torch.Tensor]]:
         """One block on `values`: its output streams (the text stream is None after a `context_pre_only` block)."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def epilogue(self, model: nn.Module, hidden_states: torch.Tensor, temb: torch.Tensor,
                  context: Dict[str, Any]) -> torch.Tensor:
         """The forward after the last block: the denoiser's prediction."""
-        raise NotImplementedError
+        ...
 
     def forward(self, model: nn.Module, **inputs: Any) -> torch.Tensor:
         """The whole forward as qrunner chains it (equal to `model(**inputs).sample`)."""

@@ -11,6 +11,7 @@ reused), so that qrunner's block-major loop reproduces their latents.
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar, Dict, List, Optional
 
@@ -31,33 +32,38 @@ class PromptEmbeds:
         return int(self.text.shape[0])
 
 
-class Sampling:
+class Sampling(ABC):
     """One pipeline class's sampling loop, piece by piece."""
 
     pipeline: ClassVar[str]
 
+    @abstractmethod
     def encode(self, pipe: Any, prompts: List[str], negative_prompt: str, guidance_scale: float,
                max_sequence_length: int) -> PromptEmbeds:
         """The prompts through the pipeline's own `encode_prompt` (its text encoders only)."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def latent_channels(self, config: Any) -> int:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def initial_latents(self, config: Any, n: int, height: int, width: int, vae_scale: int,
                         generator: torch.Generator) -> torch.Tensor:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def set_timesteps(self, scheduler: Any, steps: int, latents: torch.Tensor, config: Any) -> torch.Tensor:
-        raise NotImplementedError
+        ...
 
     def uses_cfg(self, guidance_scale: float) -> bool:
         return False
 
+    @abstractmethod
     def step_inputs(self, latents: torch.Tensor, t: torch.Tensor, embeds: PromptEmbeds, guidance_scale: float,
                     config: Any, height: int, width: int, vae_scale: int) -> Dict[str, Any]:
         """The denoiser's forward inputs at timestep `t` for every row of the model batch."""
-        raise NotImplementedError
+        ...
 
     def combine(self, prediction: torch.Tensor, guidance_scale: float) -> torch.Tensor:
         """The model batch's prediction turned into one noise prediction per sample."""
