@@ -16,7 +16,7 @@ from typing import Iterator, List, Optional, Tuple
 import torch
 from torch import nn
 
-from qrunner.memory.streaming import CheckpointReader, materialize_tensors, module_tensor_names, release_tensors
+from qrunner.memory.streaming import CheckpointReader, materialized, module_tensor_names
 from qrunner.memory.trim import release_freed_memory
 from qrunner.models.diffusion import DenoiserSpec, PipelineFolder, denoiser_skeleton, dtype_argument
 
@@ -59,12 +59,8 @@ class DenoiserSession:
         if not self.streams_blocks:
             yield self.model()
             return
-        names = self.outer_tensor_names()
-        materialize_tensors(self.skeleton, names, self.reader, self.compute_dtype)
-        try:
-            yield self.skeleton
-        finally:
-            release_tensors(self.skeleton, names)
+        with materialized(self.skeleton, self.outer_tensor_names(), self.reader, self.compute_dtype) as model:
+            yield model
 
     @contextmanager
     def block(self, index: int) -> Iterator[Tuple[str, nn.Module]]:
@@ -73,10 +69,9 @@ class DenoiserSession:
             yield self.spec.blocks(self.model())[index]
             return
         name, block = self.spec.blocks(self.skeleton)[index]
-        names = [f"{name}.{t}" for t in module_tensor_names(block)]
-        materialize_tensors(self.skeleton, names, self.reader, self.compute_dtype)
         try:
-            yield name, block
+            with materialized(self.skeleton, [f"{name}.{t}" for t in module_tensor_names(block)], self.reader,
+                              self.compute_dtype):
+                yield name, block
         finally:
-            release_tensors(self.skeleton, names)
             release_freed_memory()

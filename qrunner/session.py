@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from qrunner.memory.embedding_rows import rows_on_demand
-from qrunner.memory.streaming import CheckpointReader, materialize_tensors, module_tensor_names, release_tensors
+from qrunner.memory.streaming import CheckpointReader, materialized, module_tensor_names
 from qrunner.memory.trim import release_freed_memory
 from qrunner.models.adapter import FamilyAdapter, LayerPlan
 
@@ -128,13 +128,11 @@ class ModelSession:
                 yield name, view
             return
         name, block = self.blocks(self.skeleton)[index]
-        names = [f"{name}.{t}" for t in module_tensor_names(block)]
-        materialize_tensors(self.skeleton, names, self.reader, self.compute_dtype)
         try:
-            with self.adapter.block_view(block) as view:
+            with materialized(self.skeleton, [f"{name}.{t}" for t in module_tensor_names(block)], self.reader,
+                              self.compute_dtype), self.adapter.block_view(block) as view:
                 yield name, view
         finally:
-            release_tensors(self.skeleton, names)
             release_freed_memory()
 
     @contextmanager
@@ -150,20 +148,14 @@ class ModelSession:
         tables = [n for n, m in self.skeleton.named_modules()
                   if isinstance(m, nn.Embedding) and f"{n}.weight" in names]
         names = [n for n in names if n not in {f"{t}.weight" for t in tables}]
-        materialize_tensors(self.skeleton, names, self.reader, self.compute_dtype)
-        try:
-            with rows_on_demand(self.skeleton, tables, self.reader, self.compute_dtype):
-                yield self.skeleton
-        finally:
-            release_tensors(self.skeleton, names)
+        with materialized(self.skeleton, names, self.reader, self.compute_dtype), \
+                rows_on_demand(self.skeleton, tables, self.reader, self.compute_dtype):
+            yield self.skeleton
 
     @contextmanager
     def head_model(self) -> Iterator[nn.Module]:
         """The skeleton with the output head (final norm, lm_head) read from the shards (evaluate)."""
-        names = self.adapter.head_tensor_names(self.skeleton)
-        materialize_tensors(self.skeleton, names, self.reader, self.compute_dtype)
-        try:
-            yield self.skeleton
-        finally:
-            release_tensors(self.skeleton, names)
+        with materialized(self.skeleton, self.adapter.head_tensor_names(self.skeleton), self.reader,
+                          self.compute_dtype) as model:
+            yield model
 

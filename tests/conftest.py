@@ -85,16 +85,16 @@ def exports_by_mode(model: Path, root: Path, modes: Sequence[str], monkeypatch, 
                     ) -> Tuple[Dict[str, Dict[str, bytes]], List[str]]:
     """Run `model` once per memory mode; returns each export's files (name -> bytes) and the names of every
     tensor the runs read from the shards."""
-    import qrunner.session
+    import qrunner.memory.streaming
 
     read: List[str] = []
-    original = qrunner.session.materialize_tensors
+    original = qrunner.memory.streaming.materialize_tensors
 
     def recording(model, names, reader, dtype):
         read.extend(names)
         original(model, names, reader, dtype)
 
-    monkeypatch.setattr(qrunner.session, "materialize_tensors", recording)
+    monkeypatch.setattr(qrunner.memory.streaming, "materialize_tensors", recording)
     exports = {}
     for mode in modes:
         report = run_inprocess(tiny_overrides(model, root / mode, f"memory={mode}", *extra))

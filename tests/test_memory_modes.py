@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import qrunner.memory.streaming
 import qrunner.session
 from conftest import run_cli, run_inprocess, stage_status, tiny_overrides, tree_bytes
 from qrunner.errors import UserError
@@ -41,7 +42,7 @@ def test_streamed_evaluation_matches_whole_model_evaluation(runs_by_mode):
 def test_low_never_holds_more_than_one_block(tiny_llama, tmp_path, monkeypatch):
     """Every time qrunner reads tensors from the shards, count the block parameters that are not on meta."""
     seen = []
-    original = qrunner.session.materialize_tensors
+    original = qrunner.memory.streaming.materialize_tensors
 
     def counting(model, names, reader, dtype):
         original(model, names, reader, dtype)
@@ -54,7 +55,7 @@ def test_low_never_holds_more_than_one_block(tiny_llama, tmp_path, monkeypatch):
         head = model.lm_head.weight.device.type != "meta"
         seen.append((per_block, embeddings, head))
 
-    monkeypatch.setattr(qrunner.session, "materialize_tensors", counting)
+    monkeypatch.setattr(qrunner.memory.streaming, "materialize_tensors", counting)
     _run(tiny_llama, tmp_path, "memory=low")
     block_params = sum(p.numel() for p in __import__("transformers").AutoModelForCausalLM.from_pretrained(
         tiny_llama).model.layers[0].parameters())

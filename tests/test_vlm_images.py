@@ -29,17 +29,17 @@ IMAGE_ARGS = ("family=vlm", "quant.iters=4", "scheme=w4a16", "scheme.group_size=
 
 def _record_reads(monkeypatch) -> List[tuple]:
     """(tensor name, read while the capture stage ran) for every tensor read from the shards."""
-    import qrunner.session
+    import qrunner.memory.streaming
 
     reads: List[tuple] = []
-    original = qrunner.session.materialize_tensors
+    original = qrunner.memory.streaming.materialize_tensors
 
     def recording(model, names, reader, dtype):
         in_capture = any(f.filename.endswith("stages/capture.py") for f in traceback.extract_stack())
         reads.extend((n, in_capture) for n in names)
         original(model, names, reader, dtype)
 
-    monkeypatch.setattr(qrunner.session, "materialize_tensors", recording)
+    monkeypatch.setattr(qrunner.memory.streaming, "materialize_tensors", recording)
     return reads
 
 

@@ -11,6 +11,7 @@ Non-persistent buffers (rotary `inv_freq`) are never read: the skeleton builds t
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 import math
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
@@ -177,6 +178,17 @@ def release_tensors(model: nn.Module, names: Sequence[str]) -> None:
     """Put the named tensors of `model` back on the meta device, freeing their memory."""
     for name in names:
         set_module_tensor_to_device(model, name, "meta")
+
+
+@contextmanager
+def materialized(model: nn.Module, names: Sequence[str], reader: CheckpointReader, dtype: torch.dtype
+                 ) -> Iterator[nn.Module]:
+    """`model` with the named tensors read from the checkpoint while the block runs, back on meta after it."""
+    materialize_tensors(model, names, reader, dtype)
+    try:
+        yield model
+    finally:
+        release_tensors(model, names)
 
 
 def materialized_parameter_count(model: nn.Module) -> int:
