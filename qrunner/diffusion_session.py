@@ -45,9 +45,6 @@ class DenoiserSession:
             self._model.requires_grad_(False)
         return self._model
 
-    def block_names(self) -> List[str]:
-        return [name for name, _ in self.spec.blocks(self.skeleton)]
-
     def outer_tensor_names(self) -> List[str]:
         """Every tensor of the transformer outside its blocks."""
         skip = tuple(f"{name}." for name in self.spec.block_lists)

@@ -76,13 +76,6 @@ class DenoiserSpec(ABC):
         """The forward after the last block: the denoiser's prediction."""
         ...
 
-    def forward(self, model: nn.Module, **inputs: Any) -> torch.Tensor:
-        """The whole forward as qrunner chains it (equal to `model(**inputs).sample`)."""
-        values, context = self.prologue(model, **inputs)
-        for _, block in self.blocks(model):
-            values = BlockValues(self.run_block(block, values), values.temb, values.shared)
-        return self.epilogue(model, values.streams[HIDDEN], values.temb, context)
-
 
 class FluxSpec(DenoiserSpec):
     class_name = "FluxTransformer2DModel"

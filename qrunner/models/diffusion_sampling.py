@@ -70,12 +70,14 @@ class Sampling(ABC):
         return prediction
 
 
-def _shift(scheduler: Any, image_seq_len: int) -> float:
+def _shift(scheduler: Any, image_seq_len: int, max_shift: float) -> float:
+    """The scheduler's timestep shift `mu` for an image of `image_seq_len` tokens; `max_shift` is the pipeline's
+    own default where the scheduler config has none (Flux 1.15, SD3 1.16)."""
     from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
     c = scheduler.config
     return calculate_shift(image_seq_len, c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
-                           c.get("base_shift", 0.5), c.get("max_shift", 1.15))
+                           c.get("base_shift", 0.5), c.get("max_shift", max_shift))
 
 
 class FluxSampling(Sampling):
@@ -104,7 +106,7 @@ class FluxSampling(Sampling):
 
     def set_timesteps(self, scheduler: Any, steps: int, latents: torch.Tensor, config: Any) -> torch.Tensor:
         sigmas = None if scheduler.config.get("use_flow_sigmas") else np.linspace(1.0, 1 / steps, steps)
-        scheduler.set_timesteps(sigmas=sigmas, mu=_shift(scheduler, int(latents.shape[1])))
+        scheduler.set_timesteps(sigmas=sigmas, mu=_shift(scheduler, int(latents.shape[1]), 1.15))
         return scheduler.timesteps
 
     def step_inputs(self, latents: torch.Tensor, t: torch.Tensor, embeds: PromptEmbeds, guidance_scale: float,
@@ -148,7 +150,7 @@ class SD3Sampling(Sampling):
         kwargs = {}
         if scheduler.config.get("use_dynamic_shifting", None):
             p = int(config.patch_size)
-            kwargs["mu"] = _shift(scheduler, (latents.shape[2] // p) * (latents.shape[3] // p))
+            kwargs["mu"] = _shift(scheduler, (latents.shape[2] // p) * (latents.shape[3] // p), 1.16)
         scheduler.set_timesteps(steps, **kwargs)
         return scheduler.timesteps
 
