@@ -6,7 +6,7 @@ The memory property the diffusion path is built on (issue 14), measured on the p
 pipeline folders (bf16 shards); in a child process per depth and mode, `qrunner.denoise.denoise_block_major` runs
 `--steps` steps for `--samples` prompts (random prompt embeddings) over the transformer:
 
-- `stream`: `DenoiserSession(streams_blocks=True)`, a meta skeleton, the outer modules and one block read from the
+- `stream`: `DiffusionSession` in `memory=low`, a meta skeleton, the outer modules and one block read from the
   shards at a time (what `memory=medium/low` will do);
 - `whole`: the transformer loaded whole (`memory=high`), for contrast.
 
@@ -63,21 +63,18 @@ def build_pipeline(models_dir: Path, dim: int, depth: int) -> Path:
 
 def child(folder: str, mode: str, samples: int, steps: int, size: int, text_tokens: int) -> int:
     """One denoising run (the measured process)."""
-    from contextlib import contextmanager
 
     import torch
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     from qrunner.denoise import denoise_block_major
-    from qrunner.diffusion_session import DenoiserSession
+    from qrunner.diffusion_session import DiffusionSession
     from qrunner.memory.trim import freeze_long_lived_objects
-    from qrunner.models.diffusion import read_pipeline_folder
-    from qrunner.models.diffusion_sampling import SAMPLINGS, PromptEmbeds
+    from qrunner.models.diffusion_sampling import PromptEmbeds
 
-    pipeline = read_pipeline_folder(folder)
-    session = DenoiserSession(pipeline, torch.float32, streams_blocks=(mode == "stream"))
-    sampling = SAMPLINGS[pipeline.denoiser_class]
-    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(str(pipeline.path / "scheduler"))
+    session = DiffusionSession.open(folder, "low" if mode == "stream" else "high")
+    sampling = session.sampling
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(str(session.folder.path / "scheduler"))
     _ = session.skeleton
     freeze_long_lived_objects()  # as a qrunner job does: the per-block collections then skip the imports
     g = torch.Generator().manual_seed(0)
@@ -86,13 +83,8 @@ def child(folder: str, mode: str, samples: int, steps: int, size: int, text_toke
         embeds = PromptEmbeds(torch.randn(samples, text_tokens, cfg.joint_attention_dim, generator=g),
                               torch.randn(samples, cfg.pooled_projection_dim, generator=g))
 
-        @contextmanager
-        def block_at(i):
-            with session.block(i) as (_, block):
-                yield block
-
         latents = sampling.initial_latents(cfg, samples, size, size, 8, g)
-        out = denoise_block_major(session.spec, sampling, model, block_at, scheduler, embeds, latents, steps, 3.5,
+        out = denoise_block_major(session.spec, sampling, model, session.block_at, scheduler, embeds, latents, steps, 3.5,
                                   size, size, 8, batch=samples)
     print(json.dumps({"latent_abs_mean": float(out.abs().mean())}))
     return 0

@@ -59,12 +59,12 @@ def _check_budgets(cfg: DictConfig) -> None:
     """Every budget against the model's layers before the first job runs (the meta skeleton only)."""
     import logging
 
+    from qrunner.job import open_session
     from qrunner.models.registry import get_family
     from qrunner.pipeline.runner import preflight_stages
-    from qrunner.session import ModelSession
 
     adapter = get_family(cfg.family.name)
-    session = ModelSession(cfg, adapter, logging.getLogger("qrunner"))
+    session = open_session(cfg, adapter, logging.getLogger("qrunner"))
     session.preflight()
     preflight_stages(cfg, adapter.stages, session)
 

@@ -29,6 +29,17 @@ def choose_memory(cfg: DictConfig, session: Any, log: logging.Logger) -> Dict[st
     return memory
 
 
+def open_session(cfg: DictConfig, adapter: Any, log: logging.Logger) -> Any:
+    """The run's in-process session: a transformers checkpoint's, or a diffusers pipeline folder's."""
+    if adapter.pipeline_folder:
+        from qrunner.diffusion_session import DiffusionSession
+
+        return DiffusionSession(cfg, adapter, log)
+    from qrunner.session import ModelSession
+
+    return ModelSession(cfg, adapter, log)
+
+
 def sibling_run_dirs(run_dir: Path) -> List[Path]:
     """The other run directories beside `run_dir` (same run.root and recipe): their committed stages are taken
     when the fingerprints match (e.g. another budget's scores, another scheme's calibration inputs)."""
@@ -44,20 +55,18 @@ def run_job(cfg: DictConfig, recipe: str, overrides: List[str], share_from: Sequ
     from qrunner.memory.trim import freeze_long_lived_objects
     from qrunner.models.adapter import full_precision_layers, kernel_warning
     from qrunner.models.registry import get_family
-    from qrunner.pipeline.fingerprint import model_identity
     from qrunner.pipeline.lock import RunLock
     from qrunner.pipeline.runner import Runner, preflight_stages
     from qrunner.pipeline.status import report_status
     from qrunner.report.write import build_report, print_summary, write_report
     from qrunner.rundir import clear_run_dir, run_dir_for, save_config, setup_logging
-    from qrunner.session import ModelSession
     from qrunner.stages.layer_plan import AUTOSCHEME, plan_layers, read_plan
     from qrunner.supervise import restarts
 
     started = time.time()
     monitor = MemoryMonitor().start()
     adapter = get_family(cfg.family.name)
-    session = ModelSession(cfg, adapter, logging.getLogger("qrunner"))
+    session = open_session(cfg, adapter, logging.getLogger("qrunner"))
     session.preflight()  # on the meta skeleton: nothing loaded yet
     preflight_stages(cfg, adapter.stages, session)
     plain = schema.as_plain(cfg)
@@ -79,7 +88,7 @@ def run_job(cfg: DictConfig, recipe: str, overrides: List[str], share_from: Sequ
             log.warning("restarted after %s in memory=%s at %s (peak RSS %s MB) -> memory=%s", attempt["cause"],
                         attempt["mode"], attempt["where"], attempt["peak_rss_mb"], attempt["restart_mode"])
         save_config(run_dir, OmegaConf.to_yaml(cfg, resolve=True), overrides)
-        runner = Runner(cfg, run_dir, adapter.stages, session, log, monitor, model_identity(session.model_dir),
+        runner = Runner(cfg, run_dir, adapter.stages, session, log, monitor, session.identity(),
                         forbidden_keys=schema.NON_SEMANTIC_KEYS,
                         share_from=[*share_from, *sibling_run_dirs(run_dir)])
         freeze_long_lived_objects()

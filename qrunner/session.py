@@ -5,7 +5,7 @@ import logging
 from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -79,8 +79,32 @@ class ModelSession:
         """Bytes of one set of block activations (samples x seqlen x hidden) in the compute dtype."""
         return samples * seqlen * self.hidden_size * torch.empty((), dtype=self.compute_dtype).element_size()
 
+    def calibration_shape(self) -> Tuple[int, int, int, int]:
+        """(rows, tokens a row, hidden size, MLP width) of the calibration activations between blocks."""
+        text = getattr(self.hf_config, "text_config", None) or self.hf_config
+        return (int(self.cfg.data.nsamples), int(self.cfg.data.seqlen), self.hidden_size,
+                int(getattr(text, "intermediate_size", 4 * self.hidden_size)))
+
+    def calibration_bytes(self) -> int:
+        """Bytes of one set of calibration activations between blocks."""
+        rows, tokens, _, _ = self.calibration_shape()
+        return self.activation_bytes(rows, tokens)
+
     def checkpoint_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.model_dir.glob("*.safetensors"))
+
+    def identity(self) -> str:
+        """What identifies the checkpoint in the stage fingerprints (its structure, not its bytes)."""
+        from qrunner.pipeline.fingerprint import model_identity
+
+        return model_identity(self.model_dir)
+
+    def model_info(self) -> Dict[str, Any]:
+        """What the load stage records of the model (the tokenizer is loaded too: broken files fail here)."""
+        config = self.hf_config
+        _ = self.tokenizer
+        return {"model_type": config.model_type, "architecture": type(self.skeleton).__name__,
+                "source_dtype": str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None))}
 
     def preflight(self) -> None:
         """Architecture, block names and layer shapes against the config, on the meta skeleton."""

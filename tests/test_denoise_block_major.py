@@ -120,24 +120,22 @@ def test_streamed_from_the_shards_one_block_at_a_time_equals_the_transformer_in_
     time; the latents equal those of the whole transformer in RAM (memory=high), bit for bit."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    from qrunner.diffusion_session import DenoiserSession
-    from qrunner.models.diffusion import read_pipeline_folder
+    from qrunner.diffusion_session import DiffusionSession
     from tiny_diffusion import make_tiny_pipeline
 
     root = make_tiny_pipeline(kind, tmp_path / kind)
     make_tiny_transformer(kind).save_pretrained(root / "transformer", max_shard_size="150KB")  # several shards
     assert (root / "transformer" / "diffusion_pytorch_model.safetensors.index.json").is_file()
-    folder = read_pipeline_folder(root)
     embeds = _embeds(kind, make_tiny_transformer(kind))
     results, most_blocks = {}, 0
     for streams in (False, True):
-        session = DenoiserSession(folder, streams_blocks=streams)
-        spec, sampling = session.spec, SAMPLINGS[folder.denoiser_class]
+        session = DiffusionSession.open(root, "low" if streams else "high")
+        spec, sampling = session.spec, session.sampling
         resident: List[int] = []
 
         @contextmanager
         def block_at(i):
-            with session.block(i) as (_, block):
+            with session.block_at(i) as block:
                 if streams:  # how many blocks hold real weights right now
                     resident.append(sum(not next(b.parameters()).is_meta for _, b in spec.blocks(session.skeleton)))
                 yield block

@@ -55,6 +55,9 @@ class FamilyConfig:
     name: str = "llm"
     # module lists holding the blocks to quantize, e.g. ["model.layers"]; empty = found by the family adapter
     block_names: List[str] = field(default_factory=list)
+    # family=diffusion: what the tuning loss compares: "both" streams of a block (text and image tokens), or the
+    # "image" stream only (the reference tool's loss: the text-stream layers then get no gradient)
+    loss_streams: str = "both"
 
 
 @dataclass
@@ -152,6 +155,16 @@ class DataConfig:
     images: Optional[str] = None
     # prompt of an image that has none
     image_prompt: str = "Describe this image."
+    # family=diffusion: data.source is a prompt list ("builtin" = bundled prompts, or a local .txt/.jsonl/.tsv);
+    # each of data.nsamples prompts is denoised for num_inference_steps steps at height x width pixels, and every
+    # step of every sample is a calibration row
+    num_inference_steps: int = 8
+    # null = the pipeline's own default (Flux 3.5, SD3 7.0); SD3 above 1 runs the negative prompt too
+    guidance_scale: Optional[float] = None
+    height: int = 512
+    width: int = 512
+    negative_prompt: str = ""
+    max_sequence_length: int = 256
 
 
 @dataclass

@@ -35,6 +35,9 @@ def check_model_dir(path_text: str, source: str) -> Path:
     if not path.exists():
         raise UserError(f"model.path={path_text!r} (set in {source}) does not exist. "
                         "Point model.path at a local Hugging Face model folder (config.json + *.safetensors).")
+    if not (path / "config.json").is_file() and (path / "model_index.json").is_file():
+        raise UserError(f"model.path={path_text!r} (set in {source}) is a diffusers pipeline folder "
+                        "(model_index.json): use family=diffusion, e.g. recipe=flux_w4a16 or recipe=sd3_w4a16.")
     if not (path / "config.json").is_file():
         raise UserError(f"model.path={path_text!r} (set in {source}) has no config.json: "
                         "it must be a Hugging Face model folder, e.g. one written by save_pretrained().")
@@ -140,7 +143,30 @@ def validate(cfg: DictConfig, provenance: Provenance) -> None:
     if cfg.family.name not in family_names():
         raise bad("family.name", ", ".join(family_names()))
 
-    check_model_dir(cfg.model.path, where("model.path"))
+    if cfg.family.name == "diffusion":
+        _check_diffusion(cfg, bad, where)
+    else:
+        check_model_dir(cfg.model.path, where("model.path"))
+
+
+def _check_diffusion(cfg: DictConfig, bad: Callable[..., ConfigValueError], where: Callable[[str], str]) -> None:
+    """family=diffusion: the pipeline folder and the sampling keys."""
+    from qrunner.models.diffusion import read_pipeline_folder
+    from qrunner.models.diffusion_adapter import LOSS_STREAMS
+
+    read_pipeline_folder(Path(cfg.model.path).expanduser())
+    for key in ("data.num_inference_steps", "data.height", "data.width", "data.max_sequence_length"):
+        if OmegaConf.select(cfg, key) <= 0:
+            raise bad(key, "a positive integer")
+    if cfg.data.guidance_scale is not None and cfg.data.guidance_scale < 0:
+        raise bad("data.guidance_scale", "a non-negative number, or null for the pipeline's default")
+    if cfg.family.loss_streams not in LOSS_STREAMS:
+        raise bad("family.loss_streams", ", ".join(LOSS_STREAMS))
+    if cfg.scheme.name == "auto":
+        raise bad("scheme", "a fixed scheme (w4a16, w8a16, ...)", "scheme=auto (AutoScheme) is not supported for "
+                  "family=diffusion yet; set per-layer schemes with quant.layer_overrides")
+    if cfg.data.images:
+        raise bad("data.images", "null", "family=diffusion calibrates on prompts (data.source)")
 
 
 def budgets(auto: Any) -> list[float]:

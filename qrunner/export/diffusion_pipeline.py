@@ -16,7 +16,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Mapping
 
 from qrunner.export.auto_round import QUANTIZATION_CONFIG_FILE
 from qrunner.export.shards import ShardedSafetensorsWriter
@@ -48,7 +48,7 @@ def copy_components(folder: PipelineFolder, out: Path) -> List[str]:
     return copied
 
 
-def write_quantized_pipeline(folder: PipelineFolder, layers: Dict[str, Any], qconfig: Dict[str, Any], out: Path,
+def write_quantized_pipeline(folder: PipelineFolder, layers: Mapping[str, Any], qconfig: Dict[str, Any], out: Path,
                              max_shard_bytes: int) -> Dict[str, Any]:
     """Write the pipeline with its denoiser quantized (`layers`: model names -> QuantizedWeight) into `out`."""
     out.mkdir(parents=True, exist_ok=True)

@@ -38,10 +38,7 @@ def _numel(model: torch.nn.Module, names) -> int:
 def predict_peaks_mb(cfg: Any, session: Any) -> Dict[str, float]:
     model, adapter = session.skeleton, session.adapter
     c = 4 if cfg.model.compute_dtype == "float32" else 2
-    hf = session.hf_config
-    text = getattr(hf, "text_config", None) or hf
-    hidden = int(getattr(text, "hidden_size", 4096))
-    inter = int(getattr(text, "intermediate_size", 4 * hidden))
+    rows, tokens, hidden, inter = session.calibration_shape()
     blocks = session.blocks(model)
     block_params = max(sum(p.numel() for p in b.parameters()) for _, b in blocks)
     largest_layer = max((p.numel() for _, b in blocks for p in b.parameters() if p.dim() >= 2), default=0)
@@ -52,9 +49,9 @@ def predict_peaks_mb(cfg: Any, session: Any) -> Dict[str, float]:
 
     q = cfg.quant
     tuning = block_params * (c + 2) + (block_params * 4 + largest_layer * 24 if int(q.iters) > 0 else 0)
-    mb_tokens = int(q.batch_size) * int(cfg.data.seqlen)
+    mb_tokens = int(q.batch_size) * tokens
     backward = mb_tokens * (10 * hidden + 4 * inter) * 4 if int(q.iters) > 0 else mb_tokens * (2 * hidden + inter) * 4
-    activations = 4 * int(cfg.data.nsamples) * int(cfg.data.seqlen) * hidden * c
+    activations = 4 * rows * tokens * hidden * c
     common = INTERPRETER_MB * MB + tuning + backward
     peaks = {
         "high": common + total * c + activations,

@@ -83,6 +83,8 @@ class FamilyAdapter:
     block_list_candidates: ClassVar[Tuple[str, ...]]
     # linears inside a block the family keeps in full precision (name suffixes, e.g. a MoE router)
     kept_linears: ClassVar[Tuple[str, ...]] = ()
+    # model.path is a diffusers pipeline folder (model_index.json), not a transformers checkpoint
+    pipeline_folder: ClassVar[bool] = False
 
     # ---- architecture checks -------------------------------------------------------------
     def check_config(self, config: Any, model_path: str) -> None:
@@ -314,6 +316,16 @@ class FamilyAdapter:
         kwargs = {**shared, **{k: v for k, v in inputs.items() if k != HIDDEN}}
         out = block(inputs[HIDDEN], **kwargs)
         return (out[0] if isinstance(out, (tuple, list)) else out), {}
+
+    def tuning_forward(self, shared: Dict[str, Any], cfg: Any
+                       ) -> Callable[[nn.Module, Dict[str, torch.Tensor]], torch.Tensor]:
+        """The block forward the tuner compares with the block's target (its original output)."""
+        return lambda block, x: self.run_block(block, x, shared)[0]
+
+    def output_parts(self, block: nn.Module, shared: Dict[str, Any]) -> Dict[str, slice]:
+        """Named slices of the output's token axis whose errors the quantize stage reports on their own (the
+        streams of a diffusion block); none for a decoder."""
+        return {}
 
 
 HIDDEN = "hidden_states"

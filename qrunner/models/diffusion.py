@@ -21,7 +21,7 @@ import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Dict, List, Optional, Sequence, Tuple
+from typing import Any, ClassVar, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -134,36 +134,6 @@ class SD3Spec(DenoiserSpec):
 
 SPECS: Dict[str, DenoiserSpec] = {s.class_name: s for s in (FluxSpec(), SD3Spec())}
 
-BOTH_STREAMS = (CONTEXT, HIDDEN)  # text tokens first, as Flux's single-stream blocks join them
-
-
-def joined_streams(out: Dict[str, Optional[torch.Tensor]], streams: Sequence[str] = BOTH_STREAMS) -> torch.Tensor:
-    """A block's output streams as one tensor along the token axis (a stream the block does not return, the text
-    stream after `context_pre_only`, is left out). What the tuning loss compares: with both streams, every linear
-    of a double-stream block gets a gradient; with the image stream alone (the reference tool's choice), the
-    text-stream layers (`attn.to_add_out`, `ff_context.*`) get none and stay plainly rounded."""
-    return torch.cat([out[k] for k in streams if out.get(k) is not None], dim=1)
-
-
-def tuning_forward(spec: DenoiserSpec, shared: Dict[str, Any], streams: Sequence[str] = BOTH_STREAMS
-                   ) -> Callable[[nn.Module, Dict[str, torch.Tensor]], torch.Tensor]:
-    """`forward(block, rows)` for the block tuner: rows hold both streams and temb of a mini-batch, `shared` the
-    values every sample shares (the rotary table)."""
-    def forward(block: nn.Module, rows: Dict[str, torch.Tensor]) -> torch.Tensor:
-        values = BlockValues({HIDDEN: rows[HIDDEN], CONTEXT: rows.get(CONTEXT)}, rows[TEMB], shared)
-        return joined_streams(spec.run_block(block, values), streams)
-
-    return forward
-
-
-def stream_errors(output: torch.Tensor, target: torch.Tensor, text_tokens: int) -> Dict[str, float]:
-    """Mean squared error of a joined block output against its target, per stream (text tokens come first)."""
-    errors = {HIDDEN: float(torch.mean((output[:, text_tokens:].float() - target[:, text_tokens:].float()) ** 2))}
-    if text_tokens:
-        errors[CONTEXT] = float(torch.mean((output[:, :text_tokens].float() - target[:, :text_tokens].float()) ** 2))
-    return errors
-
-
 @dataclass(frozen=True)
 class PipelineFolder:
     """A local diffusers pipeline folder as its model_index.json describes it."""
@@ -235,6 +205,6 @@ def denoiser_skeleton(folder: PipelineFolder, dtype: Optional[torch.dtype] = Non
     config = cls.load_config(folder.denoiser_dir)
     with init_empty_weights(include_buffers=False):
         model = cls.from_config(config)
-    if dtype is not None:
-        model.to(dtype)
+    if dtype is not None:  # nn.Module's own `to`: diffusers' warns about fp32 modules even where there are none
+        nn.Module.to(model, dtype)
     return model.eval()

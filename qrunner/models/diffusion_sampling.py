@@ -36,6 +36,22 @@ class Sampling(ABC):
     """One pipeline class's sampling loop, piece by piece."""
 
     pipeline: ClassVar[str]
+    default_guidance: ClassVar[float]  # the pipeline's own default guidance_scale
+
+    @abstractmethod
+    def text_tokens(self, max_sequence_length: int) -> int:
+        """Tokens of the text stream for prompts encoded with `max_sequence_length`."""
+        ...
+
+    @abstractmethod
+    def image_tokens(self, config: Any, height: int, width: int, vae_scale: int) -> int:
+        """Tokens of the image stream for an image of `height` x `width` pixels."""
+        ...
+
+    @abstractmethod
+    def vae_latents(self, latents: torch.Tensor, height: int, width: int, vae_scale: int) -> torch.Tensor:
+        """Final latents as the VAE takes them (before its scaling and shift are undone)."""
+        ...
 
     @abstractmethod
     def encode(self, pipe: Any, prompts: List[str], negative_prompt: str, guidance_scale: float,
@@ -82,6 +98,19 @@ def _shift(scheduler: Any, image_seq_len: int, max_shift: float) -> float:
 
 class FluxSampling(Sampling):
     pipeline = "FluxPipeline"
+    default_guidance = 3.5
+
+    def text_tokens(self, max_sequence_length: int) -> int:
+        return int(max_sequence_length)
+
+    def image_tokens(self, config: Any, height: int, width: int, vae_scale: int) -> int:
+        rows, cols = self._grid(height, width, vae_scale)
+        return (rows // 2) * (cols // 2)
+
+    def vae_latents(self, latents: torch.Tensor, height: int, width: int, vae_scale: int) -> torch.Tensor:
+        from diffusers import FluxPipeline
+
+        return FluxPipeline._unpack_latents(latents, int(height), int(width), vae_scale)
 
     def encode(self, pipe: Any, prompts: List[str], negative_prompt: str, guidance_scale: float,
                max_sequence_length: int) -> PromptEmbeds:
@@ -126,6 +155,18 @@ class FluxSampling(Sampling):
 
 class SD3Sampling(Sampling):
     pipeline = "StableDiffusion3Pipeline"
+    default_guidance = 7.0
+    clip_tokens = 77  # the CLIP encoders' fixed length, before the T5 tokens
+
+    def text_tokens(self, max_sequence_length: int) -> int:
+        return self.clip_tokens + int(max_sequence_length)
+
+    def image_tokens(self, config: Any, height: int, width: int, vae_scale: int) -> int:
+        p = int(config.patch_size)
+        return (int(height) // vae_scale // p) * (int(width) // vae_scale // p)
+
+    def vae_latents(self, latents: torch.Tensor, height: int, width: int, vae_scale: int) -> torch.Tensor:
+        return latents
 
     def encode(self, pipe: Any, prompts: List[str], negative_prompt: str, guidance_scale: float,
                max_sequence_length: int) -> PromptEmbeds:
@@ -196,4 +237,26 @@ def encode_prompts(folder: Any, prompts: List[str], negative_prompt: str = "", g
                                                       max_sequence_length)
     finally:
         del pipe
+        release_freed_memory()
+
+
+@torch.no_grad()
+def decode_latents(folder: Any, latents: torch.Tensor, height: int, width: int, vae_scale: int,
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Final latents as images `[N, 3, H, W]` in [0, 1], through the pipeline folder's VAE alone (loaded here and
+    released on return), as the pipeline's own decoding does: unpacked, scaling and shift undone."""
+    import diffusers
+
+    from qrunner.memory.trim import release_freed_memory
+    from qrunner.models.diffusion import dtype_argument
+
+    library, cls = folder.components["vae"]
+    vae = getattr(diffusers, cls).from_pretrained(str(folder.path / "vae"), **dtype_argument(dtype)).eval()
+    try:
+        z = SAMPLINGS[folder.denoiser_class].vae_latents(latents, height, width, vae_scale).to(dtype)
+        z = z / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
+        images = vae.decode(z, return_dict=False)[0]
+        return (images.float() / 2 + 0.5).clamp(0, 1)
+    finally:
+        del vae
         release_freed_memory()

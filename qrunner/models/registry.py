@@ -4,11 +4,12 @@ from __future__ import annotations
 from typing import Dict, List, Optional
 
 from qrunner.models.adapter import FamilyAdapter
+from qrunner.models.diffusion_adapter import DiffusionAdapter
 from qrunner.models.gemma4 import Gemma4Adapter
 from qrunner.models.llm import LlmAdapter
 from qrunner.models.vlm import VlmAdapter
 
-_FAMILIES: Dict[str, FamilyAdapter] = {a.name: a for a in (LlmAdapter(), VlmAdapter(), Gemma4Adapter())}
+_FAMILIES: Dict[str, FamilyAdapter] = {a.name: a for a in (LlmAdapter(), VlmAdapter(), Gemma4Adapter(), DiffusionAdapter())}
 
 def family_names() -> List[str]:
     return sorted(_FAMILIES)

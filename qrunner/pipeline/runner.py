@@ -43,8 +43,8 @@ def _short(value: Any) -> str:
 def preflight_stages(cfg: DictConfig, stage_names: Sequence[str], session: Any) -> None:
     """The checks of every stage the config puts in the pipeline against the model's structure (the meta
     skeleton), before a run directory is made or anything runs."""
-    for name in stage_names:
-        stage = stage_class(name)
+    for key in stage_names:
+        stage = stage_class(key)
         if stage.in_pipeline(cfg):
             stage().preflight(cfg, session)
 
@@ -62,8 +62,8 @@ class Runner:
         self.store = ArtifactStore(run_dir)
         # other run directories whose committed stages this run takes when the fingerprints match
         self.shared = [ArtifactStore(Path(d)) for d in share_from if Path(d).resolve() != Path(run_dir).resolve()]
-        self.stages: Dict[str, Stage] = {name: stage_class(name)() for name in stage_names
-                                         if stage_class(name).in_pipeline(cfg)}
+        classes = [stage_class(key) for key in stage_names]
+        self.stages: Dict[str, Stage] = {cls.name: cls() for cls in classes if cls.in_pipeline(cfg)}
         for stage in self.stages.values():
             bad = [k for k in stage.reads if any(k == f or k.startswith(f + ".") for f in forbidden_keys)]
             if bad:

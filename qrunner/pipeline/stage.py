@@ -30,6 +30,10 @@ class Stage:
     """Subclasses set `name`, `needs`, `reads` and `version`, and implement `run`."""
 
     name: ClassVar[str]
+    # the registry key a family's pipeline lists (`FamilyAdapter.stages`); default: `name`. A family whose step
+    # differs (diffusion's capture) registers its own class under another key with the same `name`, so the stages
+    # downstream find it under the name they need.
+    key: ClassVar[str] = ""
     needs: ClassVar[Tuple[str, ...]] = ()
     # upstream stages read when the pipeline has them (quantize reads the autoscheme plan under scheme=auto)
     uses: ClassVar[Tuple[str, ...]] = ()
@@ -66,14 +70,15 @@ _REGISTRY: Dict[str, Type[Stage]] = {}
 
 
 def register_stage(cls: Type[Stage]) -> Type[Stage]:
-    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
-        raise ValueError(f"two stages are named {cls.name!r}: {_REGISTRY[cls.name]} and {cls}")
-    _REGISTRY[cls.name] = cls
+    key = cls.key or cls.name
+    if key in _REGISTRY and _REGISTRY[key] is not cls:
+        raise ValueError(f"two stages are registered as {key!r}: {_REGISTRY[key]} and {cls}")
+    _REGISTRY[key] = cls
     return cls
 
 
-def stage_class(name: str) -> Type[Stage]:
+def stage_class(key: str) -> Type[Stage]:
     try:
-        return _REGISTRY[name]
+        return _REGISTRY[key]
     except KeyError:
-        raise KeyError(f"no stage named {name!r}; registered: {', '.join(sorted(_REGISTRY))}") from None
+        raise KeyError(f"no stage registered as {key!r}; registered: {', '.join(sorted(_REGISTRY))}") from None

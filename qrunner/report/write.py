@@ -10,6 +10,7 @@ from typing import Any, Dict, List, Optional
 from qrunner.memory.monitor import MemoryMonitor, process_peak_mb
 from qrunner.pipeline.runner import StageResult
 from qrunner.report.autoscheme import autoscheme_table, budgets_table, plot_autoscheme, summary_line
+from qrunner.report.diffusion import IMAGE_KEYS, copy_images, image_quality_table, stream_loss_table, summary_text
 
 
 def build_report(cfg_plain: Dict[str, Any], run_dir: Path, results: List[StageResult], monitor: MemoryMonitor,
@@ -30,10 +31,12 @@ def build_report(cfg_plain: Dict[str, Any], run_dir: Path, results: List[StageRe
         "wall_seconds": round(wall_seconds, 2),
         "peak_rss_mb": round(max([process_peak_mb()] + [r.peak_rss_mb for r in results if r.status == "ran"]), 1),
         "stages": [asdict(r) for r in results],
-        "quality": {k: v for k, v in (evaluation.metrics if evaluation else {}).items() if k.startswith("ppl")},
+        "quality": {k: v for k, v in (evaluation.metrics if evaluation else {}).items()
+                    if k.startswith("ppl") or k in IMAGE_KEYS or k == "images"},
         "tasks": tasks.metrics.get("tasks", {}) if tasks else {},
         "block_loss": quantize.metrics.get("block_loss", []) if quantize else [],
         "block_loss_rtn": quantize.metrics.get("block_loss_rtn", []) if quantize else [],
+        "block_loss_parts": quantize.metrics.get("block_loss_parts", {}) if quantize else {},
         "export_dir": export.metrics.get("output_dir") if export else None,
         "memory_timeline": monitor.timeline(),
     }
@@ -113,17 +116,19 @@ def markdown(report: Dict[str, Any], images: List[Path]) -> str:
     for st in report["stages"]:
         lines.append(f"| {st['name']} | {st['status']} | {st['seconds']:.2f} | {st['peak_rss_mb']:.0f} |")
     q = report["quality"]
-    if q:
+    if any(k.startswith("ppl") for k in q):
         lines += ["", "| perplexity | value |", "|---|---:|"]
         for key in ("ppl_original", "ppl_quantized", "ppl_ratio"):
             if key in q:
                 lines.append(f"| {key.replace('ppl_', '')} | {q[key]:.4f} |")
+    lines += image_quality_table(q)
     lines += autoscheme_table(report.get("autoscheme")) + budgets_table(report.get("budgets"))
     lines += task_table(report.get("tasks") or {})
     if report["block_loss"]:
         rtn = report.get("block_loss_rtn") or report["block_loss"]
         lines += ["", "| block | loss before tuning (RTN) | loss after |", "|---:|---:|---:|"]
         lines += [f"| {i} | {b:.3e} | {a:.3e} |" for i, (b, a) in enumerate(zip(rtn, report["block_loss"]))]
+    lines += stream_loss_table(report.get("block_loss_parts"))
     for image in images:
         lines += ["", f"![{image.stem}]({image.name})"]
     return "\n".join(lines) + "\n"
@@ -164,7 +169,7 @@ def task_table(tasks: Dict[str, Any]) -> List[str]:
 def write_report(report: Dict[str, Any], run_dir: Path) -> Path:
     images = [p for p in (plot_memory(report, run_dir / "memory.png"),
                           plot_block_loss(report, run_dir / "block_loss.png"),
-                          plot_autoscheme(report, run_dir / "bits_per_layer.png")) if p]
+                          plot_autoscheme(report, run_dir / "bits_per_layer.png"), copy_images(report, run_dir)) if p]
     (run_dir / "report.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
     md = run_dir / "report.md"
     md.write_text(markdown(report, images))
@@ -188,6 +193,8 @@ def print_summary(report: Dict[str, Any]) -> None:
         if "ppl_original" in q:
             text = f"perplexity: original {q['ppl_original']:.4f}, {text[12:]} (x{q['ppl_ratio']:.4f})"
         console.print(text)
+    if summary_text(q):
+        console.print(summary_text(q))
     if report.get("autoscheme"):
         console.print(summary_line(report["autoscheme"]))
     tuned, rtn = report["block_loss"], report.get("block_loss_rtn")

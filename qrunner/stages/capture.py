@@ -27,7 +27,7 @@ class CaptureStage(Stage):
     description = "inputs of every block"
 
     def estimate_bytes(self, cfg: Any, session: Any) -> int:
-        return session.activation_bytes(int(cfg.data.nsamples), int(cfg.data.seqlen))
+        return session.calibration_bytes()
 
     def run(self, ctx: StageContext) -> Dict[str, Any]:
         session = ctx.session

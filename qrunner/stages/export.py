@@ -36,10 +36,6 @@ def output_dir(cfg: DictConfig, run_dir: Path) -> Path:
     return Path(cfg.export.output_dir).expanduser().resolve() if cfg.export.output_dir else run_dir / "model"
 
 
-def _is_previous_export(folder: Path) -> bool:
-    return (folder / "quantization_config.json").is_file()
-
-
 @register_stage
 class ExportStage(Stage):
     name = "export"
@@ -56,11 +52,8 @@ class ExportStage(Stage):
         return session.checkpoint_bytes()  # at most the source's size for weights of 8 bits or fewer
 
     def run(self, ctx: StageContext) -> Dict[str, Any]:
-        cfg, session = ctx.cfg, ctx.session
-        scheme = scheme_of(cfg)
-        info = read_model_info(ctx)
-        final = output_dir(cfg, ctx.run_dir)
-        if final.exists() and any(final.iterdir()) and not _is_previous_export(final):
+        final = output_dir(ctx.cfg, ctx.run_dir)
+        if final.exists() and any(final.iterdir()) and not self.is_previous_export(final):
             raise UserError(f"export.output_dir={str(final)!r} exists and is not a checkpoint qrunner wrote; "
                             "choose an empty or new folder, or remove it.")
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -68,7 +61,28 @@ class ExportStage(Stage):
             remove_tree(stale)
         tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
         tmp.mkdir()
+        metrics = self.write(ctx, tmp)
+        fsync_tree(tmp)
+        remove_tree(final)
+        os.replace(tmp, final)
+        files = records(final, [str(p.relative_to(final)) for p in sorted(final.rglob("*")) if p.is_file()])
+        (ctx.out / RECORD).write_text(json.dumps({"output_dir": str(final), "files": files}, indent=1))
+        ctx.log.info("export: %d quantized layers, %d shard(s) -> %s", metrics["quantized_layers"],
+                     metrics["shards"], final)
+        return {"output_dir": str(final), **metrics, "bytes": sum(f["size"] for f in files.values())}
 
+    def is_previous_export(self, folder: Path) -> bool:
+        return (folder / "quantization_config.json").is_file()
+
+    def quantization_config(self, ctx: StageContext) -> Dict[str, Any]:
+        scheme = scheme_of(ctx.cfg)
+        return quantization_config(scheme, read_model_info(ctx)["block_lists"], int(ctx.cfg.quant.iters),
+                                   extra_config([p.__dict__ for p in planned_layers(ctx)], scheme),
+                                   **tuning_record(ctx.cfg))
+
+    def write(self, ctx: StageContext, tmp: Path) -> Dict[str, Any]:
+        """Write the checkpoint into the empty folder `tmp` (moved into place after); returns its metrics."""
+        cfg, session = ctx.cfg, ctx.session
         layers = quantized_layers(ctx.inputs["quantize"])
         writer = ShardedSafetensorsWriter(tmp, parse_size(cfg.export.max_shard_size))
         packed = write_quantized_tensors(session.reader, session.model_dir, layers, writer,
@@ -76,23 +90,14 @@ class ExportStage(Stage):
         shards = writer.close()
         fault_point("export.shards_written")
 
-        qconfig = quantization_config(scheme, info["block_lists"], int(cfg.quant.iters),
-                                      extra_config([p.__dict__ for p in planned_layers(ctx)], scheme), **tuning_record(cfg))
+        qconfig = self.quantization_config(ctx)
         config = json.loads((session.model_dir / "config.json").read_text())
         config["quantization_config"] = qconfig
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         (tmp / "quantization_config.json").write_text(json.dumps(qconfig, indent=2, sort_keys=True) + "\n")
         copied = _copy_side_files(session.model_dir, tmp)
-
-        fsync_tree(tmp)
-        remove_tree(final)
-        os.replace(tmp, final)
-        files = records(final, [p.name for p in sorted(final.iterdir()) if p.is_file()])
-        (ctx.out / RECORD).write_text(json.dumps({"output_dir": str(final), "files": files}, indent=1))
-        ctx.log.info("export: %d quantized layers, %d shard(s) -> %s", len(packed), len(shards), final)
-        return {"output_dir": str(final), "format": "auto_round", "packing_format": qconfig["packing_format"],
-                "quantized_layers": len(packed), "shards": len(shards), "side_files": copied,
-                "bytes": sum(f["size"] for f in files.values())}
+        return {"format": "auto_round", "packing_format": qconfig["packing_format"], "quantized_layers": len(packed),
+                "shards": len(shards), "side_files": copied}
 
     def still_valid(self, cfg: DictConfig, stage_dir: Path, manifest: Dict[str, Any]) -> Optional[str]:
         try:

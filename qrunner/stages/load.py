@@ -1,4 +1,4 @@
-"""load: read the model's config and tokenizer, build the meta skeleton, plan which layers to quantize."""
+"""load: read the model's config (and tokenizer, or pipeline index), build the meta skeleton, plan which layers to quantize."""
 from __future__ import annotations
 
 import json
@@ -20,13 +20,9 @@ class LoadStage(Stage):
         session = ctx.session
         session.preflight()
         plan = session.layer_plan
-        config = session.hf_config
-        _ = session.tokenizer  # fail here, not later, if the tokenizer files are broken
         blocks = session.blocks(session.skeleton)
         info = {
-            "model_type": config.model_type,
-            "architecture": type(session.skeleton).__name__,
-            "source_dtype": str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)),
+            **session.model_info(),
             "block_lists": session.block_lists,
             "blocks": [name for name, _ in blocks],
             "layers": [p.__dict__ for p in plan],

@@ -141,11 +141,11 @@ def forward_rows(adapter: Any, block: torch.nn.Module, src: BlockRows, shared: D
     return side
 
 
-def mse_rows(a: Rows, b: Rows) -> float:
-    """Mean squared difference over all elements of two equally shaped row sets."""
+def mse_rows(a: Rows, b: Rows, part: slice = slice(None)) -> float:
+    """Mean squared difference over all elements of two equally shaped row sets (of the tokens `part` only)."""
     total, count = 0.0, 0
     for r in batches(len(a), BATCH):
-        x, y = a.read(r).float(), b.read(r).float()
+        x, y = a.read(r)[:, part].float(), b.read(r)[:, part].float()
         total += float(((x - y) ** 2).sum(dtype=torch.float64))
         count += x.numel()
     return total / max(count, 1)
@@ -235,7 +235,7 @@ class QuantizeStage(Stage):
         """Packed codes (1 byte a weight) and scales of every layer, plus the activations on disk at the worst
         moment: the last committed block's two chains, the block in flight's two, and (low) its scratch."""
         codes = sum(p.in_features * p.out_features * 1.1 for p in session.layer_plan if p.quantize)
-        return int(codes) + 5 * session.activation_bytes(int(cfg.data.nsamples), int(cfg.data.seqlen))
+        return int(codes) + 5 * session.calibration_bytes()
 
     def run(self, ctx: StageContext) -> Dict[str, Any]:
         session, cfg = ctx.session, ctx.cfg
@@ -293,14 +293,17 @@ class QuantizeStage(Stage):
                 with fake_quantized(block, name, weights):
                     out_side = forward_rows(session.adapter, block, src_q, shared, out_q, writes,
                                             lambda n, *a: chains.new_shaped(f"output_{n}", *a))
+                parts = session.adapter.output_parts(block, shared)
                 loss = mse_rows(out_q, target)
+                tuning["loss_parts"] = {k: mse_rows(out_q, target, sl) for k, sl in parts.items()}
                 rtn_weights = tuning.pop("rtn_weights")
-                loss_rtn = loss
+                loss_rtn, tuning["loss_rtn_parts"] = loss, dict(tuning["loss_parts"])
                 if rtn_weights is not None:
                     out_rtn = chains.new("output_rtn", x_q)
                     with fake_quantized(block, name, rtn_weights):
                         forward_rows(session.adapter, block, src_q, shared, out_rtn)
                     loss_rtn = mse_rows(out_rtn, target)
+                    tuning["loss_rtn_parts"] = {k: mse_rows(out_rtn, target, sl) for k, sl in parts.items()}
                     chains.drop(out_rtn)
                     del out_rtn, rtn_weights
             next_q, next_q_side = (out_q, out_side) if cfg.quant.quantized_inputs else (target, target_side)
@@ -343,8 +346,12 @@ class QuantizeStage(Stage):
         chains.close()
 
         infos = [ctx.units.info(unit_key(i)) for i in range(len(names))]
+        parts = {k: {"tuned": [i.get("loss_parts", {}).get(k) for i in infos],
+                     "rtn": [i.get("loss_rtn_parts", {}).get(k) for i in infos]}
+                 for k in sorted({k for i in infos for k in i.get("loss_parts", {})})}
         return {"blocks": len(names), "resumed_at_block": start, "iters": int(cfg.quant.iters),
                 "block_loss": [i["loss"] for i in infos], "block_loss_rtn": [i["loss_rtn"] for i in infos],
+                **({"block_loss_parts": parts} if parts else {}),
                 "layers_quantized": sum(len(p) for p in plan_by_block.values()),
                 "checkpoint_seconds": round(ctx.units.commit_seconds, 3)}
 
@@ -371,8 +378,7 @@ class QuantizeStage(Stage):
             return codes
 
         if settings.iters > 0:
-            def forward(b: torch.nn.Module, x: Dict[str, torch.Tensor]) -> torch.Tensor:
-                return adapter.run_block(b, x, shared)[0]
+            forward = adapter.tuning_forward(shared, cfg)
 
             def progress(step: int, loss: float) -> None:
                 fault_point("quantize.tuning")
