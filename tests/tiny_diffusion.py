@@ -97,6 +97,20 @@ def _vae(latent_channels: int, seed: int) -> Any:
                          use_post_quant_conv=False).eval()
 
 
+def flux_text_parts(pooled_dim: int, joint_dim: int, seed: int = 0) -> Dict[str, Any]:
+    """A Flux pipeline's text side: CLIP gives the pooled vector, T5 the sequence, each with its tokenizer; and
+    a VAE."""
+    return {"text_encoder": _clip(pooled_dim, False, seed + 1), "tokenizer": _clip_tokenizer(),
+            "text_encoder_2": _t5(joint_dim, seed + 2), "tokenizer_2": _t5_tokenizer(), "vae": _vae(16, seed + 4)}
+
+
+def save_components(folder: Path, parts: Dict[str, Any], index: Dict[str, Any]) -> None:
+    """Save each part in its sub-folder and name it in the model_index entries `index`."""
+    for name, part in parts.items():
+        part.save_pretrained(folder / name)
+        index[name] = ["diffusers" if name == "vae" else "transformers", type(part).__name__]
+
+
 def make_tiny_pipeline(kind: str, folder: Path, seed: int = 0, full: bool = False) -> Path:
     """A pipeline folder with the tiny transformer (safetensors) and a flow-matching scheduler; with `full`, the
     text encoders, their tokenizers and a VAE too."""
@@ -112,20 +126,15 @@ def make_tiny_pipeline(kind: str, folder: Path, seed: int = 0, full: bool = Fals
              "transformer": ["diffusers", denoiser], "vae": ["diffusers", "AutoencoderKL"]}
     if full:
         cfg = _CONFIGS[kind]
-        if kind == "flux":  # CLIP gives the pooled vector, T5 the sequence
-            parts = {"text_encoder": _clip(cfg["pooled_projection_dim"], False, seed + 1),
-                     "tokenizer": _clip_tokenizer(), "text_encoder_2": _t5(cfg["joint_attention_dim"], seed + 2),
-                     "tokenizer_2": _t5_tokenizer()}
+        if kind == "flux":
+            parts = flux_text_parts(cfg["pooled_projection_dim"], cfg["joint_attention_dim"], seed)
         else:  # two CLIPs (hidden states side by side, pooled vectors joined) and T5
             half = cfg["pooled_projection_dim"] // 2
             parts = {"text_encoder": _clip(half, True, seed + 1), "tokenizer": _clip_tokenizer(),
                      "text_encoder_2": _clip(half, True, seed + 2), "tokenizer_2": _clip_tokenizer(),
-                     "text_encoder_3": _t5(cfg["joint_attention_dim"], seed + 3), "tokenizer_3": _t5_tokenizer()}
-        parts["vae"] = _vae(16, seed + 4)
-        for name, part in parts.items():
-            part.save_pretrained(folder / name)
-            library = "diffusers" if name == "vae" else "transformers"
-            index[name] = [library, type(part).__name__]
+                     "text_encoder_3": _t5(cfg["joint_attention_dim"], seed + 3), "tokenizer_3": _t5_tokenizer(),
+                     "vae": _vae(16, seed + 4)}
+        save_components(folder, parts, index)
     (folder / "model_index.json").write_text(json.dumps(index, indent=1))
     return folder
 
