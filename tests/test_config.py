@@ -61,6 +61,7 @@ def test_unknown_key_on_command_line():
     ("data.nsamples=0", "data.nsamples", "positive integer"),
     ("memory.budget_gb=-1", "memory.budget_gb", "positive number of GB"),
     ("export.max_shard_size=lots", "export.max_shard_size", "5GB"),
+    ("family.loss_streams=image", "family.loss_streams", "family=diffusion setting"),
 ])
 def test_bad_values_name_key_value_allowed_and_source(override, key, allowed):
     with pytest.raises(UserError) as err:

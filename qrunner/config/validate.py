@@ -146,6 +146,8 @@ def validate(cfg: DictConfig, provenance: Provenance) -> None:
     if cfg.family.name == "diffusion":
         _check_diffusion(cfg, bad, where)
     else:
+        if cfg.family.loss_streams != "both":
+            raise bad("family.loss_streams", "both", "the loss streams are a family=diffusion setting")
         check_model_dir(cfg.model.path, where("model.path"))
 
 

@@ -210,6 +210,20 @@ class ValueRows:
         return values if self.is_tuple else values[0]
 
 
+class TokenSlice:
+    """Rows read through a slice of each row's first axis (its tokens): the part of a block's output a loss
+    compares when it leaves the rest out."""
+
+    def __init__(self, rows: Any, part: slice) -> None:
+        self.rows, self.part = rows, part
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def read(self, indices: Indices) -> torch.Tensor:
+        return self.rows.read(indices)[:, self.part]
+
+
 # per-sample input added to a block's hidden states before it runs (what the model adds between blocks)
 ADDED = "added_to_hidden_states"
 

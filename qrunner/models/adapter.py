@@ -322,6 +322,10 @@ class FamilyAdapter:
         """The block forward the tuner compares with the block's target (its original output)."""
         return lambda block, x: self.run_block(block, x, shared)[0]
 
+    def tuning_compared(self, block: nn.Module, shared: Dict[str, Any], cfg: Any) -> Optional[slice]:
+        """The part of the block's output (a slice of its token axis) the tuning loss compares; None: all of it."""
+        return None
+
     def output_parts(self, block: nn.Module, shared: Dict[str, Any]) -> Dict[str, slice]:
         """Named slices of the output's token axis whose errors the quantize stage reports on their own (the
         streams of a diffusion block); none for a decoder."""

@@ -7,11 +7,12 @@ the generic quantize stage's loss, `mse(block(x), target)`, covers every linear 
 text-stream ones (`attn.to_add_out`, `ff_context.*`) included. `temb` (timestep and pooled text, per row) is a side
 row every block reads; the rotary table (Flux) and the text token count are shared values. A block with
 `context_pre_only` (SD3's last) returns no text stream: its text slot holds zeros, in the target as in the
-output, so it adds nothing to the loss.
+output. The last block's text output is read by nothing after it (Flux drops the text tokens there), so its loss is
+the image stream's (`tuning_compared`).
 """
 from __future__ import annotations
 
-from typing import Any, Callable, ClassVar, Dict, List, Sequence, Tuple
+from typing import Any, ClassVar, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -21,6 +22,7 @@ from qrunner.models.diffusion import CONTEXT, ROTARY, SPECS, TEMB, BlockValues
 
 DENOISER = "denoiser"  # shared value: the denoiser's class name (which DenoiserSpec runs the block)
 TEXT_TOKENS = "text_tokens"  # shared value: how many of a row's tokens are the text stream's
+TEXT_OUTPUT_READ = "text_output_read"  # shared value: does the denoiser read this block's text output (not the last)
 LOSS_STREAMS = ("both", "image")  # family.loss_streams: what the tuning loss compares
 
 
@@ -52,19 +54,16 @@ class DiffusionAdapter(FamilyAdapter):
         text_out = out[CONTEXT] if out[CONTEXT] is not None else torch.zeros_like(text)
         return torch.cat([text_out, out[HIDDEN]], dim=1), {}
 
-    def tuning_forward(self, shared: Dict[str, Any], cfg: Any
-                       ) -> Callable[[nn.Module, Dict[str, torch.Tensor]], torch.Tensor]:
-        """family.loss_streams=image: the text tokens' output is detached, so only the image stream's error gives
-        gradients (the reference tool's loss); `both` (default) tunes on both streams."""
-        if str(cfg.family.loss_streams) == "both":
-            return super().tuning_forward(shared, cfg)
-        tokens = int(shared[TEXT_TOKENS])
-
-        def forward(block: nn.Module, x: Dict[str, torch.Tensor]) -> torch.Tensor:
-            out = self.run_block(block, x, shared)[0]
-            return torch.cat([out[:, :tokens].detach(), out[:, tokens:]], dim=1)
-
-        return forward
+    def tuning_compared(self, block: nn.Module, shared: Dict[str, Any], cfg: Any) -> Optional[slice]:
+        """The streams the denoiser reads afterwards. `family.loss_streams=both` (default): both, except in the
+        last block, whose text output the denoiser drops (Flux keeps the image tokens of the last single block's
+        output; SD3's last block returns no text stream). `image`: the image stream in every block (the
+        reference tool's loss), so the text-stream layers of a double-stream block keep their round-to-nearest
+        values. The stream left out is left out of the loss, not zeroed: the tuner picks its best step by the
+        loss of what it compares."""
+        if str(cfg.family.loss_streams) == "both" and shared.get(TEXT_OUTPUT_READ, True):
+            return None
+        return slice(int(shared[TEXT_TOKENS]), None)
 
     def output_parts(self, block: nn.Module, shared: Dict[str, Any]) -> Dict[str, slice]:
         tokens = int(shared[TEXT_TOKENS])

@@ -20,7 +20,7 @@ from qrunner.memory.activations import ActivationFile
 from qrunner.models.adapter import HIDDEN
 from qrunner.models.block_io import SampleRows, save_block_inputs
 from qrunner.models.diffusion import CONTEXT, ROTARY, TEMB, BlockValues
-from qrunner.models.diffusion_adapter import DENOISER, TEXT_TOKENS
+from qrunner.models.diffusion_adapter import DENOISER, TEXT_OUTPUT_READ, TEXT_TOKENS
 from qrunner.pipeline.faults import fault_point
 from qrunner.pipeline.stage import Stage, StageContext, register_stage
 from qrunner.stages.capture import SIDE
@@ -89,7 +89,7 @@ class DiffusionCaptureStage(Stage):
     key = "diffusion_capture"
     needs = ("load", "data")
     reads = (*SAMPLING_KEYS, "model.compute_dtype", "family.block_names")
-    version = 1
+    version = 2
     description = "first block's inputs at every denoising step (block-major loop)"
 
     def estimate_bytes(self, cfg: Any, session: Any) -> int:
@@ -103,7 +103,8 @@ class DiffusionCaptureStage(Stage):
         with session.outer() as model:
             denoise(session, model, embeds, int(d.seed), session.block_at, "capture", rows)
         shared = {**rows.shared, DENOISER: session.folder.denoiser_class, TEMB: SampleRows(TEMB)}
-        save_block_inputs([dict(shared) for _ in session.block_names()], ctx.out)
+        names = session.block_names()  # the denoiser reads no block's text output after the last block's
+        save_block_inputs([{**shared, TEXT_OUTPUT_READ: i < len(names) - 1} for i in range(len(names))], ctx.out)
         return {"samples": len(embeds), "rows": rows.n, "rows_per_step": per_step,
                 "tokens": tuple(rows.hidden.row_shape)[0], "text_tokens": rows.shared[TEXT_TOKENS],
                 "hidden_bytes": rows.n * rows.hidden.row_bytes}

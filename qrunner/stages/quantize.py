@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from qrunner.memory.activations import ActivationFile, BlockRows, Rows, TensorRows, batches, to_ram
+from qrunner.memory.activations import ActivationFile, BlockRows, Rows, TensorRows, TokenSlice, batches, to_ram
 from qrunner.memory.monitor import current_rss_mb
 from qrunner.memory.trim import release_freed_memory
 from qrunner.pipeline.atomic import remove_tree
@@ -227,7 +227,7 @@ class QuantizeStage(Stage):
     reads = ("scheme.bits", "scheme.group_size", "scheme.sym", "scheme.data_type", "quant.iters", "quant.lr",
              "quant.minmax_lr", "quant.batch_size", "quant.grad_accum", "quant.minmax_tuning",
              "quant.quantized_inputs", "quant.opt_rtn", "quant.amp_bf16", "quant.compile", "quant.seed",
-             "quant.ignore_layers", "quant.layer_overrides", "model.compute_dtype")
+             "quant.ignore_layers", "quant.layer_overrides", "model.compute_dtype", "family.loss_streams")
     version = 3
     description = "block-by-block AutoRound tuning, checkpointed per block"
 
@@ -378,7 +378,7 @@ class QuantizeStage(Stage):
             return codes
 
         if settings.iters > 0:
-            forward = adapter.tuning_forward(shared, cfg)
+            forward, compared = tuning_pair(adapter, block, shared, cfg, target)
 
             def progress(step: int, loss: float) -> None:
                 fault_point("quantize.tuning")
@@ -389,7 +389,7 @@ class QuantizeStage(Stage):
             seed, retries = generator.initial_seed(), []
             while True:
                 try:
-                    result = tune_block(block, layers, x_q, target, forward, settings,
+                    result = tune_block(block, layers, x_q, compared, forward, settings,
                                         torch.Generator().manual_seed(seed), progress)
                     break
                 except torch.OutOfMemoryError as err:
@@ -424,6 +424,17 @@ def block_inputs(session: Any, per_block: List[Dict[str, Any]], index: int
     shared, reads = split_inputs(per_block[index])
     reads.update({k: SampleRows(g) for k, g in session.adapter.side_io(session.hf_config, index)[0].items()})
     return shared, reads
+
+
+def tuning_pair(adapter: Any, block: torch.nn.Module, shared: Dict[str, Any], cfg: Any, target: Any
+                ) -> Tuple[Callable[[torch.nn.Module, Any], torch.Tensor], Any]:
+    """The forward the tuner runs and the targets it compares it with: the block's whole output, or the part
+    of it `adapter.tuning_compared` names (the same slice of both)."""
+    forward = adapter.tuning_forward(shared, cfg)
+    part = adapter.tuning_compared(block, shared, cfg)
+    if part is None:
+        return forward, target
+    return (lambda b, x: forward(b, x)[:, part]), TokenSlice(target, part)
 
 
 def open_block_rows(hidden: Rows, reads: Dict[str, SampleRows], rows_named: Callable[[str], Any]) -> BlockRows:
