@@ -67,3 +67,27 @@ def test_demo_export_loads_in_transformers_and_matches_own_evaluation(demo):
     loaded = loaded_perplexity(report["export_dir"], demo.overrides("eval.nsamples=32"))
     ours = report["quality"]["ppl_quantized"]
     assert abs(loaded - ours) / ours < 0.005, (loaded, ours)
+
+
+@pytest.mark.parametrize("fmt", ["gptq", "compressed_tensors", "gguf"])
+def test_demo_exports_in_the_other_formats_load_and_match_own_evaluation(demo, fmt):
+    # the demo's run with the formats added: only their export stages run; the same 32 windows as above
+    overrides = ("eval.nsamples=32", "export.formats=[auto_round,gptq,compressed_tensors,gguf]")
+    base = demo()
+    report = demo(*overrides)
+    assert report["run_dir"] == base["run_dir"]
+    assert {s["name"]: s["status"] for s in report["stages"]}["quantize"] == "reused"
+    loaded = loaded_perplexity(report["exports"][fmt], demo.overrides(*overrides), fmt)
+    ours = report["quality"]["ppl_quantized"]
+    assert abs(loaded - ours) / ours < 0.005, (loaded, ours)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["auto_round", "gptq", "compressed_tensors", "gguf"])
+def test_demo_w8a16_exports_in_every_format_load_and_match_own_evaluation(demo, fmt):
+    overrides = ("scheme=w8a16", "quant.iters=0", "eval.nsamples=32",
+                 "export.formats=[auto_round,gptq,compressed_tensors,gguf]")
+    report = demo(*overrides)
+    loaded = loaded_perplexity(report["exports"][fmt], demo.overrides(*overrides), fmt)
+    ours = report["quality"]["ppl_quantized"]
+    assert abs(loaded - ours) / ours < 0.005, (loaded, ours)

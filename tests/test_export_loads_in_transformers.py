@@ -10,18 +10,27 @@ from conftest import run_inprocess, tiny_overrides
 pytest.importorskip("auto_round")
 
 
-def loaded_perplexity(export_dir: str, cfg_overrides) -> float:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def loaded_perplexity(export_dir: str, cfg_overrides, fmt: str = "auto_round") -> float:
+    """Perplexity of an export loaded by its real loader: auto_round and gptq through transformers + auto-round
+    (GPTQ v1 with `AutoRoundConfig()`), compressed_tensors through transformers + compressed-tensors (default
+    path: the packed weights are decompressed by the package)."""
+    from transformers import AutoModelForCausalLM, AutoRoundConfig, AutoTokenizer
 
     from conftest import compose
     from qrunner.stages.evaluate import evaluation_windows, perplexity
 
     cfg, _ = compose(cfg_overrides)
-    model = AutoModelForCausalLM.from_pretrained(export_dir, dtype=torch.float32)
-    assert type(model).__name__ == "LlamaForCausalLM"
-    qlinear = model.model.layers[0].mlp.down_proj
-    assert type(qlinear).__name__ != "Linear", "the loader did not use quantized linear layers"
-    windows = evaluation_windows(cfg, AutoTokenizer.from_pretrained(export_dir))
+    extra = {"quantization_config": AutoRoundConfig()} if fmt == "gptq" else {}
+    extra = {"gguf_file": "model.gguf"} if fmt == "gguf" else extra  # dequantized to float32 by the gguf reader
+    model = AutoModelForCausalLM.from_pretrained(export_dir, dtype=torch.float32, **extra)
+    assert type(model).__name__.endswith("ForCausalLM")
+    if fmt == "compressed_tensors":
+        assert type(model.hf_quantizer).__name__ == "CompressedTensorsHfQuantizer"
+    elif fmt != "gguf":
+        qlinear = model.model.layers[0].mlp.down_proj
+        assert type(qlinear).__name__ != "Linear", "the loader did not use quantized linear layers"
+    tokenizer = AutoTokenizer.from_pretrained(export_dir, **({"gguf_file": "model.gguf"} if fmt == "gguf" else {}))
+    windows = evaluation_windows(cfg, tokenizer)
     return perplexity(model, windows, 4, "loaded", False)
 
 

@@ -25,9 +25,9 @@ def tiny_tokenizer(vocab_size: int = 320):
 
 def make_tiny_llama(path: Path, layers: int = 3, hidden: int = 64, intermediate: int = 128, seed: int = 0,
                     dtype: torch.dtype = torch.bfloat16, model_type: str = "llama", tie: bool = False,
-                    kv_heads: int = 2) -> Path:
+                    kv_heads: int = 2, **config_extra) -> Path:
     """A random-weight decoder saved with save_pretrained (safetensors) plus a tokenizer (4 attention heads,
-    `kv_heads` key/value heads)."""
+    `kv_heads` key/value heads; `config_extra`: more config keys)."""
     import transformers
 
     tokenizer = tiny_tokenizer()
@@ -36,7 +36,7 @@ def make_tiny_llama(path: Path, layers: int = 3, hidden: int = 64, intermediate:
     config = config_cls(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate,
                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=kv_heads,
                         max_position_embeddings=512, tie_word_embeddings=tie,
-                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **config_extra)
     if model_type in ("qwen3",):
         config.head_dim = hidden // 4
     torch.manual_seed(seed)

@@ -40,6 +40,9 @@ class DataFormat(str, Enum):
 
 class ExportFormat(str, Enum):
     auto_round = "auto_round"
+    gptq = "gptq"
+    compressed_tensors = "compressed_tensors"
+    gguf = "gguf"
 
 
 @dataclass
@@ -193,8 +196,9 @@ class EvalConfig:
 
 @dataclass
 class ExportConfig:
-    format: ExportFormat = ExportFormat.auto_round
-    # null = <run dir>/model
+    # one export stage per format, all reading the one quantize stage
+    formats: List[ExportFormat] = field(default_factory=lambda: [ExportFormat.auto_round])
+    # null = <run dir>/model (auto_round), <run dir>/model-<format> (the others); a folder: one format only
     output_dir: Optional[str] = None
     max_shard_size: str = "5GB"
 
@@ -231,7 +235,7 @@ NON_SEMANTIC_KEYS = ("memory", "run", "description")
 
 # Keys that only select how a result is evaluated or where it is written: part of the fingerprints of
 # the stages that read them, but not of the run directory, so changing them reruns just those stages.
-RUN_DIR_EXCLUDED_KEYS = NON_SEMANTIC_KEYS + ("eval", "export.output_dir", "export.max_shard_size")
+RUN_DIR_EXCLUDED_KEYS = NON_SEMANTIC_KEYS + ("eval", "export.formats", "export.output_dir", "export.max_shard_size")
 
 
 def register() -> None:

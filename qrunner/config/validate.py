@@ -138,6 +138,8 @@ def validate(cfg: DictConfig, provenance: Provenance) -> None:
     except ValueError:
         raise bad("export.max_shard_size", "a size such as 5GB, 500MB or 2GiB") from None
 
+    _check_export_formats(cfg, bad)
+
     from qrunner.models.registry import family_names
 
     if cfg.family.name not in family_names():
@@ -149,6 +151,26 @@ def validate(cfg: DictConfig, provenance: Provenance) -> None:
         if cfg.family.loss_streams != "both":
             raise bad("family.loss_streams", "both", "the loss streams are a family=diffusion setting")
         check_model_dir(cfg.model.path, where("model.path"))
+
+
+def _check_export_formats(cfg: DictConfig, bad: Callable[..., ConfigValueError]) -> None:
+    """export.formats: a non-empty list without repeats; one folder (export.output_dir) holds one format; GPTQ v1
+    carries symmetric schemes only; a diffusers pipeline goes out in the AutoRound format only."""
+    formats = [str(getattr(f, "value", f)) for f in cfg.export.formats]
+    if not formats or len(set(formats)) != len(formats):
+        raise bad("export.formats", "a list of distinct formats: auto_round, gptq, compressed_tensors, gguf")
+    if cfg.export.output_dir and len(formats) > 1:
+        raise bad("export.output_dir", "null with several export formats",
+                  "each format goes to <run dir>/model-<format> (auto_round: <run dir>/model); set "
+                  "export.output_dir only with one format")
+    asym = [str(p) for p, o in cfg.quant.layer_overrides.items() if o.sym is False]
+    if "gptq" in formats and (not cfg.scheme.sym or asym):
+        what = "scheme.sym=false" if not cfg.scheme.sym else f"quant.layer_overrides {asym} with sym: false"
+        raise bad("export.formats", "formats that carry asymmetric weights: auto_round, compressed_tensors",
+                  f"GPTQ v1 stores zero points minus one and carries symmetric schemes only ({what})")
+    if cfg.family.name == "diffusion" and formats != ["auto_round"]:
+        raise bad("export.formats", "[auto_round]", "a diffusers pipeline loads the AutoRound format only "
+                  "(diffusers has no GPTQ, compressed-tensors or GGUF loader for AutoRound weights)")
 
 
 def _check_diffusion(cfg: DictConfig, bad: Callable[..., ConfigValueError], where: Callable[[str], str]) -> None:

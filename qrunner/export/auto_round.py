@@ -49,6 +49,7 @@ __all__ = [
     "PACKING_SYM",
     "QUANTIZATION_CONFIG_FILE",
     "checkpoint_group_size",
+    "checkpoint_groups",
     "layer_supported",
     "pack_layer",
     "packing_format",
@@ -120,7 +121,7 @@ def checkpoint_group_size(in_features: int, group_size: int) -> int:
     return math.gcd(in_features, group_size)
 
 
-def _checkpoint_groups(qw: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor]:
+def checkpoint_groups(qw: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor]:
     """``qw``'s scales and zero points ``[out, groups]`` as the checkpoint's group size lays them out."""
     in_f = qw.in_features
     written = checkpoint_group_size(in_f, qw.group_size)
@@ -144,7 +145,7 @@ def pack_layer(qw: QuantizedWeight, bias: torch.Tensor | None = None) -> dict[st
     g = in_f if qw.group_size <= 0 else qw.group_size
     if -(-in_f // g) != qw.n_groups:
         raise ValueError(f"{qw.n_groups} groups do not fit in_features={in_f} with group_size={qw.group_size}")
-    scale, zero = _checkpoint_groups(qw)
+    scale, zero = checkpoint_groups(qw)
     stored_zero = zero.to(torch.int64) - _ZERO_OFFSET[packing_format(qw.sym)]
     tensors = {
         "qweight": pack_rows(qw.q.t(), qw.bits),

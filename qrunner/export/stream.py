@@ -13,13 +13,15 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
-from qrunner.export.auto_round import pack_layer
+from qrunner.export.auto_round import pack_layer as pack_auto_round
 from qrunner.export.shards import ShardedSafetensorsWriter
 from qrunner.memory.streaming import INDEXES, CheckpointReader
 
 COPY_PART_BYTES = 64 << 20  # unquantized tensors are copied in row blocks of this size
 # (model tensor name, read the stored tensor, quantized layers) -> tensors to write instead, or None
 SplitSource = Callable[[str, Callable[[], torch.Tensor], Any], Optional[Dict[str, torch.Tensor]]]
+# (QuantizedWeight, bias or None) -> the layer's tensors in the export format, by suffix ("qweight", ...)
+PackLayer = Callable[[Any, Optional[torch.Tensor]], Dict[str, torch.Tensor]]
 
 
 def source_shards(model_dir: Path) -> List[Path]:
@@ -33,10 +35,12 @@ def source_shards(model_dir: Path) -> List[Path]:
 
 
 def write_quantized_tensors(reader: CheckpointReader, model_dir: Path, layers: Dict[str, Any],
-                            writer: ShardedSafetensorsWriter, split: Optional[SplitSource] = None) -> set:
+                            writer: ShardedSafetensorsWriter, split: Optional[SplitSource] = None,
+                            pack_layer: PackLayer = pack_auto_round) -> set:
     """Every tensor of the checkpoint into `writer`, the layers of `layers` (model names -> QuantizedWeight)
-    packed; `split` may write a source tensor under other names (fused experts per expert). Returns the packed
-    layers' names; stops when a quantized layer has no weight in the checkpoint."""
+    packed by `pack_layer` (the format's tensors, by suffix); `split` may write a source tensor under other names
+    (fused experts per expert). Returns the packed layers' names; stops when a quantized layer has no weight in
+    the checkpoint."""
     packed: set = set()
     by_shard: Dict[Path, List[str]] = {}
     for key, shard in reader.shard_of.items():

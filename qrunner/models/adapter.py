@@ -77,7 +77,8 @@ class FamilyAdapter:
     name: ClassVar[str]
     # the pipeline the family runs (stage names; the runner orders them by what each needs)
     stages: ClassVar[Tuple[str, ...]] = ("load", "data", "capture", "autoscheme_scores", "autoscheme", "quantize",
-                                         "export", "evaluate", "tasks")
+                                         "export", "export_gptq", "export_compressed_tensors", "export_gguf", "evaluate",
+                                         "tasks")
     model_types: ClassVar[Tuple[str, ...]]
     # candidate module-list paths holding the decoder blocks, tried in order
     block_list_candidates: ClassVar[Tuple[str, ...]]

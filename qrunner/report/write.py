@@ -18,7 +18,8 @@ def build_report(cfg_plain: Dict[str, Any], run_dir: Path, results: List[StageRe
     by_name = {r.name: r for r in results}
     evaluation = by_name.get("evaluate")
     quantize = by_name.get("quantize")
-    export = by_name.get("export")
+    exports = {r.metrics["format"]: r.metrics["output_dir"] for r in results
+               if r.name.startswith("export") and "output_dir" in r.metrics}
     tasks = by_name.get("tasks")
     return {
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -37,7 +38,8 @@ def build_report(cfg_plain: Dict[str, Any], run_dir: Path, results: List[StageRe
         "block_loss": quantize.metrics.get("block_loss", []) if quantize else [],
         "block_loss_rtn": quantize.metrics.get("block_loss_rtn", []) if quantize else [],
         "block_loss_parts": quantize.metrics.get("block_loss_parts", {}) if quantize else {},
-        "export_dir": export.metrics.get("output_dir") if export else None,
+        "export_dir": exports.get("auto_round", next(iter(exports.values()), None)),
+        "exports": exports,
         "memory_timeline": monitor.timeline(),
     }
 
@@ -104,7 +106,7 @@ def markdown(report: Dict[str, Any], images: List[Path]) -> str:
         f"- scheme: {s['name']} (bits {s['bits']}, group {s['group_size']}, {'sym' if s['sym'] else 'asym'}), "
         f"iters {report['quant']['iters']}",
         f"- memory mode: {report['memory'].get('mode')} (budget {report['memory'].get('budget_gb')} GB)",
-        f"- export: `{report['export_dir']}`",
+        *(f"- export ({fmt}): `{path}`" for fmt, path in (report.get("exports") or {"": report["export_dir"]}).items()),
         f"- wall time {report['wall_seconds']:.1f} s, peak RSS {report['peak_rss_mb']:.0f} MB",
         *(f"- restarted after {r['cause']} in memory={r['mode']} at {r['where']} (peak RSS {r['peak_rss_mb']} MB) "
           f"-> memory={r['restart_mode']}" for r in report.get("restarts", [])),

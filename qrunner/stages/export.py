@@ -1,4 +1,4 @@
-"""export: write the quantized checkpoint in the configured format, exactly at export.output_dir.
+"""export: write the quantized checkpoint in one of export.formats, at <run dir>/model (or export.output_dir).
 
 Tensors are streamed shard by shard from the source checkpoint: non-quantized tensors are copied byte for
 byte, each quantized layer's weight is replaced by its packed tensors. The checkpoint is written under a
@@ -10,13 +10,16 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, ClassVar, Dict, List, Optional
 
+import torch
 from omegaconf import DictConfig
 
 from qrunner.config.validate import parse_size
 from qrunner.errors import UserError
-from qrunner.export.auto_round import checkpoint_group_size, quantization_config
+from qrunner.export.auto_round import (PACKING_ASYM, QUANTIZATION_CONFIG_FILE, checkpoint_group_size,
+                                      quantization_config)
+from qrunner.export.auto_round import pack_layer as pack_auto_round
 from qrunner.export.shards import ShardedSafetensorsWriter
 from qrunner.export.stream import write_quantized_tensors
 from qrunner.pipeline.atomic import fsync_tree, remove_tree
@@ -32,27 +35,40 @@ WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "model.safetensors.in
 RECORD = "export.json"
 
 
-def output_dir(cfg: DictConfig, run_dir: Path) -> Path:
-    return Path(cfg.export.output_dir).expanduser().resolve() if cfg.export.output_dir else run_dir / "model"
+def export_formats(cfg: DictConfig) -> List[str]:
+    return [str(getattr(f, "value", f)) for f in cfg.export.formats]
 
 
 @register_stage
 class ExportStage(Stage):
+    """The `auto_round` export; the other formats are subclasses (`export_formats.py`), each its own stage reading
+    the one quantize stage, so adding a format to a finished run writes only that format."""
     name = "export"
+    format: ClassVar[str] = "auto_round"
+    quant_method: ClassVar[str] = "auto-round"  # config.json's quantization_config.quant_method
+    sort_keys: ClassVar[bool] = True  # config files with sorted keys; False where the order means something
+    folder: ClassVar[str] = "model"  # in the run directory, unless export.output_dir names one
     needs = ("load", "quantize")
     uses = (AUTOSCHEME,)
     shareable = False  # the checkpoint is written at export.output_dir, outside the stage folder
-    reads = ("export.format", "export.output_dir", "export.max_shard_size", "scheme.bits", "scheme.group_size",
+    reads = ("export.output_dir", "export.max_shard_size", "scheme.bits", "scheme.group_size",
              "scheme.sym", "scheme.data_type", "quant.iters", "quant.lr", "quant.minmax_lr", "quant.batch_size",
              "quant.grad_accum", "quant.minmax_tuning", "quant.quantized_inputs", "data.nsamples", "data.seqlen")
-    version = 1
+    version = 2
     description = "quantized checkpoint"
+
+    @classmethod
+    def in_pipeline(cls, cfg: DictConfig) -> bool:
+        return cls.format in export_formats(cfg)
+
+    def output_dir(self, cfg: DictConfig, run_dir: Path) -> Path:
+        return Path(cfg.export.output_dir).expanduser().resolve() if cfg.export.output_dir else run_dir / self.folder
 
     def estimate_bytes(self, cfg: Any, session: Any) -> int:
         return session.checkpoint_bytes()  # at most the source's size for weights of 8 bits or fewer
 
     def run(self, ctx: StageContext) -> Dict[str, Any]:
-        final = output_dir(ctx.cfg, ctx.run_dir)
+        final = self.output_dir(ctx.cfg, ctx.run_dir)
         if final.exists() and any(final.iterdir()) and not self.is_previous_export(final):
             raise UserError(f"export.output_dir={str(final)!r} exists and is not a checkpoint qrunner wrote; "
                             "choose an empty or new folder, or remove it.")
@@ -67,12 +83,18 @@ class ExportStage(Stage):
         os.replace(tmp, final)
         files = records(final, [str(p.relative_to(final)) for p in sorted(final.rglob("*")) if p.is_file()])
         (ctx.out / RECORD).write_text(json.dumps({"output_dir": str(final), "files": files}, indent=1))
-        ctx.log.info("export: %d quantized layers, %d shard(s) -> %s", metrics["quantized_layers"],
+        ctx.log.info("export %s: %d quantized layers, %d shard(s) -> %s", self.format, metrics["quantized_layers"],
                      metrics["shards"], final)
         return {"output_dir": str(final), **metrics, "bytes": sum(f["size"] for f in files.values())}
 
     def is_previous_export(self, folder: Path) -> bool:
-        return (folder / "quantization_config.json").is_file()
+        """A folder an earlier export of this format wrote (replaced), not someone else's."""
+        try:
+            qconfig = json.loads((folder / "config.json").read_text()).get("quantization_config") or {}
+        except (OSError, ValueError):
+            return False
+        return qconfig.get("quant_method") == self.quant_method and (
+            self.config_file() is None or (folder / self.config_file()).is_file())
 
     def quantization_config(self, ctx: StageContext) -> Dict[str, Any]:
         scheme = scheme_of(ctx.cfg)
@@ -80,24 +102,38 @@ class ExportStage(Stage):
                                    extra_config([p.__dict__ for p in planned_layers(ctx)], scheme),
                                    **tuning_record(ctx.cfg))
 
+    def pack_layer(self, qw: Any, bias: Optional[torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """One quantized layer's tensors in this format, by suffix."""
+        return pack_auto_round(qw, bias)
+
+    def config_file(self) -> Optional[str]:
+        """The file the quantization config is also written to on its own (as the format's own tools do)."""
+        return QUANTIZATION_CONFIG_FILE
+
     def write(self, ctx: StageContext, tmp: Path) -> Dict[str, Any]:
         """Write the checkpoint into the empty folder `tmp` (moved into place after); returns its metrics."""
         cfg, session = ctx.cfg, ctx.session
         layers = quantized_layers(ctx.inputs["quantize"])
+        qconfig = self.quantization_config(ctx)  # first: a format that cannot carry the layers stops here
         writer = ShardedSafetensorsWriter(tmp, parse_size(cfg.export.max_shard_size))
         packed = write_quantized_tensors(session.reader, session.model_dir, layers, writer,
-                                         session.adapter.split_source_tensor)
+                                         session.adapter.split_source_tensor, self.pack_layer)
         shards = writer.close()
         fault_point("export.shards_written")
 
-        qconfig = self.quantization_config(ctx)
         config = json.loads((session.model_dir / "config.json").read_text())
         config["quantization_config"] = qconfig
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        (tmp / "quantization_config.json").write_text(json.dumps(qconfig, indent=2, sort_keys=True) + "\n")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=self.sort_keys) + "\n")
+        if self.config_file():
+            (tmp / self.config_file()).write_text(json.dumps(qconfig, indent=2, sort_keys=self.sort_keys) + "\n")
         copied = _copy_side_files(session.model_dir, tmp)
-        return {"format": "auto_round", "packing_format": qconfig["packing_format"], "quantized_layers": len(packed),
-                "shards": len(shards), "side_files": copied}
+        if qconfig.get("packing_format") == PACKING_ASYM:
+            ctx.log.warning("export: asymmetric weights go out with packing_format %r, which transformers + auto-round "
+                            "load but vLLM and SGLang reject; for them add compressed_tensors to export.formats",
+                            PACKING_ASYM)
+        return {"format": self.format, "quant_method": qconfig["quant_method"], "quantized_layers": len(packed),
+                "shards": len(shards), "side_files": copied,
+                **({"packing_format": qconfig["packing_format"]} if "packing_format" in qconfig else {})}
 
     def still_valid(self, cfg: DictConfig, stage_dir: Path, manifest: Dict[str, Any]) -> Optional[str]:
         try:

@@ -114,6 +114,10 @@ class QuantizedLayers(Mapping[str, QuantizedWeight]):
     def __len__(self) -> int:
         return len(self._where)
 
+    def scheme(self, name: str) -> Tuple[int, int, bool]:
+        """(bits, group size, symmetric) of a layer, without reading its tensors."""
+        return self._where[name][1]
+
     def in_block(self, block_name: str) -> Dict[str, QuantizedWeight]:
         return {n: self[n] for n in self if n.startswith(block_name + ".")}
 
