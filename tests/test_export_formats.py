@@ -258,3 +258,23 @@ def test_gguf_refuses_a_model_it_cannot_describe(tmp_path):
                             rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0})
     with pytest.raises(UserError, match="rope scaling 'linear'"):
         run_inprocess(tiny_overrides(model, tmp_path / "runs", "quant.iters=0", "export.formats=[gguf]"))
+
+
+def test_gguf_writes_llama3_rope_scaling_as_llama_cpps_rope_freqs(tmp_path):
+    from transformers import AutoConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from tiny_models import make_tiny_llama
+
+    rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64, "rope_theta": 10000.0}
+    model = make_tiny_llama(tmp_path / "llama", rope_parameters=rope)
+    report = run_inprocess(tiny_overrides(model, tmp_path / "runs", "quant.iters=0", "export.formats=[gguf]"))
+    factors = _gguf_dequantized(Path(report["exports"]["gguf"]) / "model.gguf")["rope_freqs.weight"]
+    # llama.cpp divides each rotary frequency by its factor: the factors are transformers' unscaled over scaled ones
+    config = AutoConfig.from_pretrained(model)
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+    dim = config.hidden_size // config.num_attention_heads
+    plain = 1.0 / (10000.0 ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    torch.testing.assert_close(factors.reshape(-1), plain / scaled, rtol=1e-6, atol=0)
+    assert factors.min() == 1.0 and factors.max() == 8.0  # short wavelengths kept, long ones divided by 8

@@ -3,11 +3,13 @@ row order llama.cpp gives Llama's attention projections, and a byte-level BPE to
 
 Supported: Llama and Mistral (GGUF architecture `llama`, q/k rows permuted as llama.cpp's converter does), Qwen2
 (`qwen2`) and Qwen3 (`qwen3`), with a byte-level BPE tokenizer (`tokenizer.json`: Llama 3, Qwen, GPT-2 style).
-Anything else is refused with what is missing (`check_gguf_model`), never written half right.
+Llama 3's rope scaling goes out as llama.cpp's `rope_freqs` tensor. Anything else is refused with what is missing
+(`check_gguf_model`), never written half right.
 """
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
@@ -32,19 +34,46 @@ class GgufModel:
     rope_theta: float
 
 
-def _rope_theta(config: Any) -> float:
-    """The rope base; rope scaling (Llama 3.1's `llama3`, YaRN, ...) is refused: not written yet."""
-    params = {}
+def rope_parameters(config: Any) -> Dict[str, Any]:
+    """The config's rope settings in one dict (transformers 5's `rope_parameters`, older `rope_scaling`)."""
+    params: Dict[str, Any] = {}
     for attribute in ("rope_parameters", "rope_scaling"):
         value = getattr(config, attribute, None)
         if isinstance(value, dict):
             params.update(value)
+    return params
+
+
+def _rope_theta(config: Any) -> float:
+    """The rope base; rope scaling other than Llama 3's (`llama3`, written as `rope_freqs`) is refused."""
+    params = rope_parameters(config)
     rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type not in (None, "default"):
-        raise UserError(f"export.formats=gguf: rope scaling {rope_type!r} is not written to GGUF yet (llama.cpp "
-                        "stores it as rope_freqs); export auto_round, gptq or compressed_tensors for this model")
+    if rope_type not in (None, "default", "llama3") or (rope_type == "llama3" and
+                                                        config.model_type not in ("llama", "mistral")):
+        raise UserError(f"export.formats=gguf: rope scaling {rope_type!r} is not written to GGUF yet (only Llama 3's "
+                        "'llama3'); export auto_round, gptq or compressed_tensors for this model")
     theta = getattr(config, "rope_theta", None) or params.get("rope_theta")
     return float(theta if theta is not None else 10000.0)
+
+
+def rope_freqs(config: Any, model: "GgufModel") -> Optional[torch.Tensor]:
+    """llama.cpp's `rope_freqs` tensor for Llama 3's rope scaling (`rope_type: llama3`): per rotary frequency, the
+    factor its wavelength is divided by (1 for short wavelengths, `factor` for long ones, a smooth blend between),
+    as llama.cpp's converter computes it; None without that scaling."""
+    params = rope_parameters(config)
+    if params.get("rope_type", params.get("type")) != "llama3":
+        return None
+    dim = model.head_dim
+    freqs = 1.0 / (model.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    factor = float(params.get("factor", 8.0))
+    low, high = float(params.get("low_freq_factor", 1.0)), float(params.get("high_freq_factor", 4.0))
+    old_context = float(params.get("original_max_position_embeddings", 8192))
+    wavelen = 2 * math.pi / freqs
+    smooth = (old_context / wavelen - low) / (high - low)
+    blended = 1 / ((1 - smooth) / factor + smooth)
+    factors = torch.where(wavelen < old_context / high, torch.ones_like(freqs),
+                          torch.where(wavelen > old_context / low, torch.full_like(freqs, factor), blended))
+    return factors.to(torch.float32)
 
 
 def check_gguf_model(config: Any, model_dir: Path) -> GgufModel:

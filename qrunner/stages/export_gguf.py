@@ -20,7 +20,7 @@ from qrunner.errors import UserError
 from qrunner.export.gguf import BLOCK, BLOCK_BYTES, encode_layer, gguf_type
 from qrunner.export.stream import source_shards
 from qrunner.models.gguf_arch import (GgufModel, add_hyperparameters, add_vocabulary, byte_level_vocab,
-                                      check_gguf_model, qk_rows, tensor_namer)
+                                      check_gguf_model, qk_rows, rope_freqs, tensor_namer)
 from qrunner.pipeline.faults import fault_point
 from qrunner.pipeline.stage import StageContext, register_stage
 from qrunner.stages.export import ExportStage
@@ -37,6 +37,7 @@ class Planned:
     kind: str  # Q4_0, Q8_0, F32, F16, BF16
     shape: List[int]  # torch order
     layer: Optional[str] = None  # the quantized layer whose weight this is
+    value: Optional[torch.Tensor] = None  # a tensor made here, not read from the checkpoint (rope_freqs)
 
 
 def unrepresentable(layers: List[Dict[str, Any]]) -> List[str]:
@@ -101,9 +102,14 @@ class GgufExportStage(ExportStage):
                 else:  # norms and biases in float32; matrices in their own dtype
                     planned.append(Planned(stored, gguf_name, "F32" if len(shape) == 1 else FLOAT_TYPES[dtype],
                                            list(shape)))
+        factors = rope_freqs(config, model)
+        if factors is not None:  # Llama 3's rope scaling, as llama.cpp reads it
+            planned.append(Planned("", "rope_freqs.weight", "F32", list(factors.shape), value=factors))
         return planned
 
     def tensor_bytes(self, item: Planned, session: Any, layers: Any, model: GgufModel) -> np.ndarray:
+        if item.value is not None:
+            return item.value.contiguous().numpy()
         rows = qk_rows(session.reader.model_name(item.stored), item.shape[0], model)
         if item.layer is not None:
             return encode_layer(layers[item.layer], rows)
