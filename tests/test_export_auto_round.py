@@ -71,7 +71,7 @@ def test_pack_layer_rejects_unsupported_shapes():
     with pytest.raises(ValueError):
         pack_layer(quantize_rtn(torch.randn(48, 64), QuantScheme(4, 32, True)))  # out % 32
     with pytest.raises(ValueError):
-        unpack_layer({}, 4, 32, True, "auto_round:auto_awq", 64, 64)
+        unpack_layer({}, 4, 32, True, "auto_round:auto_marlin", 64, 64)
 
 
 def test_layer_supported():

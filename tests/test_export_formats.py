@@ -278,3 +278,19 @@ def test_gguf_writes_llama3_rope_scaling_as_llama_cpps_rope_freqs(tmp_path):
     plain = 1.0 / (10000.0 ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
     torch.testing.assert_close(factors.reshape(-1), plain / scaled, rtol=1e-6, atol=0)
     assert factors.min() == 1.0 and factors.max() == 8.0  # short wavelengths kept, long ones divided by 8
+
+
+@pytest.mark.parametrize("group", [32, 64, -1])
+def test_asymmetric_4bit_auto_round_is_awq_as_auto_rounds_own_dequantizer_reads_it(group):
+    pytest.importorskip("auto_round")
+    from auto_round.export.export_to_awq.utils import dequantize_gemm
+
+    from qrunner.export.auto_round import PACKING_AWQ, pack_layer
+
+    qw = quantize(_weight(), QuantScheme(bits=4, group_size=group, sym=False))
+    t = pack_layer(qw, packing=PACKING_AWQ)
+    assert t["qweight"].shape == (256, 64 // 8) and t["qzeros"].shape == (qw.n_groups, 64 // 8)
+    got = dequantize_gemm(t["qweight"], t["qzeros"], t["scales"], 4, 256 if group == -1 else group)
+    assert torch.equal(got.float().t(), qw.dequantize(torch.float16).float())
+    again = unpack_layer(t, 4, group, False, PACKING_AWQ, 256, 64)
+    assert torch.equal(again.dequantize(), qw.dequantize())

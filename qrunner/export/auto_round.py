@@ -5,9 +5,12 @@ Matches what auto-round 0.16.1 writes and what transformers 5.24 + auto-round lo
 
 * symmetric -> ``packing_format "auto_round:auto_gptq"``: ``qzeros`` stores ``zero - 1``
   (GPTQ v1; the loader adds 1 back), every word ``0x77777777`` at 4 bits;
-* asymmetric -> ``packing_format "auto_round"``: ``qzeros`` stores the zero point itself.
-  (AutoRound itself exports 4-bit asym as ``auto_round:auto_awq``; plain ``auto_round`` is
-  what it writes for 2/3/8-bit asym and loads for any width.)
+* asymmetric, every quantized layer 4-bit -> ``packing_format "auto_round:auto_awq"`` (what AutoRound
+  writes for 4-bit asym, and what vLLM and SGLang accept): AWQ's GEMM layout, ``qweight`` int32
+  ``[in, out/8]`` and ``qzeros`` int32 ``[n_groups, out/8]`` packed along the output dimension in
+  AWQ's nibble order (column ``8j+k`` at nibble ``AWQ_ORDER[k]``), the zero point itself;
+* other asymmetric -> ``packing_format "auto_round"``: ``qzeros`` stores the zero point itself
+  (transformers + auto-round load it; vLLM and SGLang do not).
 
 Per linear ``L`` with weight ``[out, in]``: ``L.qweight`` int32 ``[in*bits/32, out]``,
 ``L.qzeros`` int32 ``[n_groups, out*bits/32]``, ``L.scales`` float16 ``[n_groups, out]``,
@@ -46,11 +49,13 @@ from qrunner.quant.scheme import QuantScheme
 __all__ = [
     "AUTOROUND_FORMAT_VERSION",
     "PACKING_ASYM",
+    "PACKING_AWQ",
     "PACKING_SYM",
     "QUANTIZATION_CONFIG_FILE",
     "checkpoint_group_size",
     "checkpoint_groups",
     "layer_supported",
+    "model_packing",
     "pack_layer",
     "packing_format",
     "quantization_config",
@@ -59,6 +64,8 @@ __all__ = [
 
 PACKING_SYM = "auto_round:auto_gptq"  # zero point stored minus one
 PACKING_ASYM = "auto_round"  # zero point stored as is
+PACKING_AWQ = "auto_round:auto_awq"  # 4-bit asymmetric, AWQ GEMM layout
+AWQ_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)  # nibble of column k of each 8 packed into one int32 word
 # The auto-round release whose on-disk format this module reproduces (fixed so that the
 # written config does not depend on which auto-round happens to be installed).
 AUTOROUND_FORMAT_VERSION = "0.16.1"
@@ -92,12 +99,39 @@ _CORE_KEYS = (
     "extra_config",
 )
 # The loader's stored-zero offsets per packing format.
-_ZERO_OFFSET = {PACKING_SYM: 1, PACKING_ASYM: 0, "auto_round:gptqmodel": 0}
+_ZERO_OFFSET = {PACKING_SYM: 1, PACKING_ASYM: 0, "auto_round:gptqmodel": 0, PACKING_AWQ: 0}
 
 
 def packing_format(sym: bool) -> str:
     """The ``packing_format`` AutoRound uses for integer weights of this symmetry."""
     return PACKING_SYM if sym else PACKING_ASYM
+
+
+def model_packing(layers: Sequence[Mapping[str, Any]]) -> str:
+    """The ``packing_format`` of a checkpoint whose planned layers are ``layers`` (dicts with quantize, bits, sym):
+    AWQ when every quantized layer is 4-bit asymmetric, GPTQ-style when every one is symmetric, else plain."""
+    quantized = [p for p in layers if p["quantize"]]
+    if quantized and all(not p["sym"] and p["bits"] == 4 for p in quantized):
+        return PACKING_AWQ
+    return PACKING_SYM if all(p["sym"] for p in quantized) else PACKING_ASYM
+
+
+def pack_awq(codes: torch.Tensor) -> torch.Tensor:
+    """4-bit codes ``[rows, cols]`` -> int32 ``[rows, cols/8]`` in AWQ's order along the columns."""
+    rows, cols = codes.shape
+    if cols % 8:
+        raise ValueError(f"AWQ packs 8 columns a word; {cols} columns")
+    grouped = codes.to(torch.int64).reshape(rows, cols // 8, 8)
+    shifts = torch.tensor(AWQ_ORDER, dtype=torch.int64) * 4
+    words = (grouped << shifts).sum(dim=-1)
+    return (words - (words >= 2**31).to(torch.int64) * 2**32).to(torch.int32)
+
+
+def unpack_awq(words: torch.Tensor, cols: int) -> torch.Tensor:
+    """Inverse of :func:`pack_awq`."""
+    shifts = torch.tensor(AWQ_ORDER, dtype=torch.int64) * 4
+    values = (words.to(torch.int64).unsqueeze(-1) >> shifts) & 0xF
+    return values.reshape(words.shape[0], -1)[:, :cols]
 
 
 def layer_supported(in_features: int, out_features: int, scheme: QuantScheme) -> bool:
@@ -131,9 +165,11 @@ def checkpoint_groups(qw: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor]:
     return qw.scale[:, index], qw.zero[:, index]
 
 
-def pack_layer(qw: QuantizedWeight, bias: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """Checkpoint tensors ``{"qweight", "qzeros", "scales"[, "bias"]}`` for one linear layer, grouped by
-    :func:`checkpoint_group_size` (a shorter last group written as smaller groups with repeated scales)."""
+def pack_layer(qw: QuantizedWeight, bias: torch.Tensor | None = None, packing: str | None = None
+               ) -> dict[str, torch.Tensor]:
+    """Checkpoint tensors ``{"qweight", "qzeros", "scales"[, "bias"]}`` for one linear layer in the checkpoint's
+    ``packing`` (default: :func:`packing_format` of the layer's symmetry), grouped by :func:`checkpoint_group_size`
+    (a shorter last group written as smaller groups with repeated scales)."""
     out_f, in_f = qw.out_features, qw.in_features
     if qw.q.shape != (out_f, in_f) or qw.scale.shape != qw.zero.shape or qw.scale.shape[0] != out_f:
         raise ValueError(
@@ -146,12 +182,19 @@ def pack_layer(qw: QuantizedWeight, bias: torch.Tensor | None = None) -> dict[st
     if -(-in_f // g) != qw.n_groups:
         raise ValueError(f"{qw.n_groups} groups do not fit in_features={in_f} with group_size={qw.group_size}")
     scale, zero = checkpoint_groups(qw)
-    stored_zero = zero.to(torch.int64) - _ZERO_OFFSET[packing_format(qw.sym)]
-    tensors = {
-        "qweight": pack_rows(qw.q.t(), qw.bits),
-        "qzeros": pack_cols(stored_zero.t(), qw.bits),
-        "scales": scale.t().to(torch.float16).contiguous(),
-    }
+    packing = packing or packing_format(qw.sym)
+    if packing == PACKING_AWQ:
+        if qw.bits != 4 or qw.sym:
+            raise ValueError(f"{PACKING_AWQ} carries 4-bit asymmetric layers only")
+        tensors = {"qweight": pack_awq(qw.q.t()), "qzeros": pack_awq(zero.t()),
+                   "scales": scale.t().to(torch.float16).contiguous()}
+    else:
+        stored_zero = zero.to(torch.int64) - _ZERO_OFFSET[packing]
+        tensors = {
+            "qweight": pack_rows(qw.q.t(), qw.bits),
+            "qzeros": pack_cols(stored_zero.t(), qw.bits),
+            "scales": scale.t().to(torch.float16).contiguous(),
+        }
     if bias is not None:
         if bias.shape != (out_f,):
             raise ValueError(f"bias shape {tuple(bias.shape)} does not match out_features={out_f}")
@@ -172,10 +215,14 @@ def unpack_layer(
     group size in the checkpoint (:func:`checkpoint_group_size`)."""
     if packing_format not in _ZERO_OFFSET:
         raise ValueError(f"unsupported packing_format {packing_format!r}; known: {sorted(_ZERO_OFFSET)}")
-    q = unpack_rows(tensors["qweight"], bits, in_features).t()
     scales = tensors["scales"]
     n_groups = scales.shape[0]
-    zero = unpack_cols(tensors["qzeros"], bits, out_features) + _ZERO_OFFSET[packing_format]
+    if packing_format == PACKING_AWQ:
+        q = unpack_awq(tensors["qweight"], out_features).t()
+        zero = unpack_awq(tensors["qzeros"], out_features)
+    else:
+        q = unpack_rows(tensors["qweight"], bits, in_features).t()
+        zero = unpack_cols(tensors["qzeros"], bits, out_features) + _ZERO_OFFSET[packing_format]
     if q.shape != (out_features, in_features) or scales.shape[1] != out_features or zero.shape[0] != n_groups:
         raise ValueError("qweight / qzeros / scales shapes do not match the given in/out features")
     expected_groups = 1 if group_size == -1 else -(-in_features // group_size)
@@ -201,6 +248,7 @@ def quantization_config(
     block_names: Sequence[str],
     iters: int,
     extra_config: Mapping[str, Mapping[str, Any]] | None = None,
+    packing: str | None = None,
     **tuning_overrides: Any,
 ) -> dict[str, Any]:
     """The ``quantization_config`` dict for ``config.json`` / ``quantization_config.json``.
@@ -223,7 +271,7 @@ def quantization_config(
 
     config: dict[str, Any] = {
         "quant_method": "auto-round",
-        "packing_format": packing_format(scheme.sym),
+        "packing_format": packing or packing_format(scheme.sym),
         "bits": scheme.bits,
         "group_size": scheme.group_size,
         "sym": scheme.sym,

@@ -15,10 +15,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from functools import partial
 from pathlib import Path
 from typing import Any, Dict, List, Mapping
 
-from qrunner.export.auto_round import QUANTIZATION_CONFIG_FILE
+from qrunner.export.auto_round import QUANTIZATION_CONFIG_FILE, pack_layer
 from qrunner.export.shards import ShardedSafetensorsWriter
 from qrunner.export.stream import write_quantized_tensors
 from qrunner.memory.streaming import INDEXES, CheckpointReader
@@ -56,7 +57,9 @@ def write_quantized_pipeline(folder: PipelineFolder, layers: Mapping[str, Any], 
     denoiser_out = out / folder.denoiser
     writer = ShardedSafetensorsWriter(denoiser_out, max_shard_bytes, prefix=DIFFUSERS_WEIGHTS)
     try:
-        packed = write_quantized_tensors(CheckpointReader(folder.denoiser_dir), folder.denoiser_dir, layers, writer)
+        pack = partial(pack_layer, packing=qconfig["packing_format"])
+        packed = write_quantized_tensors(CheckpointReader(folder.denoiser_dir), folder.denoiser_dir, layers, writer,
+                                         pack_layer=pack)
         shards = writer.close()
     except BaseException:
         writer.abort()

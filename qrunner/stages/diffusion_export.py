@@ -3,9 +3,10 @@ export.output_dir and moved into place when complete, as the decoder export is."
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, List
 
 from qrunner.config.validate import parse_size
+from qrunner.export.auto_round import PACKING_ASYM, PACKING_SYM
 from qrunner.export.diffusion_pipeline import write_quantized_pipeline
 from qrunner.pipeline.faults import fault_point
 from qrunner.pipeline.stage import StageContext, register_stage
@@ -22,6 +23,10 @@ class DiffusionExportStage(ExportStage):
 
     def is_previous_export(self, folder: Path) -> bool:
         return (folder / "model_index.json").is_file() and any(folder.glob("*/quantization_config.json"))
+
+    def packing(self, layers: List[Dict[str, Any]]) -> str:
+        """GPTQ-style or plain: the AWQ layout is not offered for pipelines (diffusers' CPU path for it is untested)."""
+        return PACKING_SYM if all(p["sym"] for p in layers if p["quantize"]) else PACKING_ASYM
 
     def quantization_config(self, ctx: StageContext) -> Dict[str, Any]:
         qconfig = super().quantization_config(ctx)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar, Dict, List, Optional
 
@@ -18,7 +19,7 @@ from omegaconf import DictConfig
 from qrunner.config.validate import parse_size
 from qrunner.errors import UserError
 from qrunner.export.auto_round import (PACKING_ASYM, QUANTIZATION_CONFIG_FILE, checkpoint_group_size,
-                                      quantization_config)
+                                      model_packing, quantization_config)
 from qrunner.export.auto_round import pack_layer as pack_auto_round
 from qrunner.export.shards import ShardedSafetensorsWriter
 from qrunner.export.stream import write_quantized_tensors
@@ -96,15 +97,21 @@ class ExportStage(Stage):
         return qconfig.get("quant_method") == self.quant_method and (
             self.config_file() is None or (folder / self.config_file()).is_file())
 
+    def packing(self, layers: List[Dict[str, Any]]) -> str:
+        """The checkpoint's `packing_format`: AWQ's layout when every quantized layer is 4-bit asymmetric (vLLM and
+        SGLang reject plain `auto_round` packing), GPTQ-style when all are symmetric."""
+        return model_packing(layers)
+
     def quantization_config(self, ctx: StageContext) -> Dict[str, Any]:
         scheme = scheme_of(ctx.cfg)
+        layers = [p.__dict__ for p in planned_layers(ctx)]
         return quantization_config(scheme, read_model_info(ctx)["block_lists"], int(ctx.cfg.quant.iters),
-                                   extra_config([p.__dict__ for p in planned_layers(ctx)], scheme),
+                                   extra_config(layers, scheme), packing=self.packing(layers),
                                    **tuning_record(ctx.cfg))
 
-    def pack_layer(self, qw: Any, bias: Optional[torch.Tensor]) -> Dict[str, torch.Tensor]:
-        """One quantized layer's tensors in this format, by suffix."""
-        return pack_auto_round(qw, bias)
+    def pack_layer(self, qw: Any, bias: Optional[torch.Tensor], qconfig: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+        """One quantized layer's tensors in this format, by suffix (`qconfig`: the checkpoint's config)."""
+        return pack_auto_round(qw, bias, qconfig["packing_format"])
 
     def config_file(self) -> Optional[str]:
         """The file the quantization config is also written to on its own (as the format's own tools do)."""
@@ -117,7 +124,7 @@ class ExportStage(Stage):
         qconfig = self.quantization_config(ctx)  # first: a format that cannot carry the layers stops here
         writer = ShardedSafetensorsWriter(tmp, parse_size(cfg.export.max_shard_size))
         packed = write_quantized_tensors(session.reader, session.model_dir, layers, writer,
-                                         session.adapter.split_source_tensor, self.pack_layer)
+                                         session.adapter.split_source_tensor, partial(self.pack_layer, qconfig=qconfig))
         shards = writer.close()
         fault_point("export.shards_written")
 
@@ -128,9 +135,9 @@ class ExportStage(Stage):
             (tmp / self.config_file()).write_text(json.dumps(qconfig, indent=2, sort_keys=self.sort_keys) + "\n")
         copied = _copy_side_files(session.model_dir, tmp)
         if qconfig.get("packing_format") == PACKING_ASYM:
-            ctx.log.warning("export: asymmetric weights go out with packing_format %r, which transformers + auto-round "
-                            "load but vLLM and SGLang reject; for them add compressed_tensors to export.formats",
-                            PACKING_ASYM)
+            ctx.log.warning("export: asymmetric weights that are not all 4-bit go out with packing_format %r, which "
+                            "transformers + auto-round load but vLLM and SGLang reject; for them add "
+                            "compressed_tensors to export.formats", PACKING_ASYM)
         return {"format": self.format, "quant_method": qconfig["quant_method"], "quantized_layers": len(packed),
                 "shards": len(shards), "side_files": copied,
                 **({"packing_format": qconfig["packing_format"]} if "packing_format" in qconfig else {})}

@@ -31,7 +31,7 @@ class GptqExportStage(ExportStage):
     sort_keys = False  # `dynamic` rules apply in order (first match wins): the skips must stay first
     description = "GPTQ v1 checkpoint"
 
-    def pack_layer(self, qw: Any, bias: Optional[torch.Tensor]) -> Dict[str, torch.Tensor]:
+    def pack_layer(self, qw: Any, bias: Optional[torch.Tensor], qconfig: Dict[str, Any]) -> Dict[str, torch.Tensor]:
         return pack_gptq_layer(qw, bias)
 
     def config_file(self) -> Optional[str]:
@@ -56,7 +56,7 @@ class CompressedTensorsExportStage(ExportStage):
     description = "compressed-tensors (pack-quantized) checkpoint"
     LINEAR_TYPES: ClassVar[tuple] = (nn.Linear,)
 
-    def pack_layer(self, qw: Any, bias: Optional[torch.Tensor]) -> Dict[str, torch.Tensor]:
+    def pack_layer(self, qw: Any, bias: Optional[torch.Tensor], qconfig: Dict[str, Any]) -> Dict[str, torch.Tensor]:
         return pack_ct_layer(qw, bias)
 
     def config_file(self) -> Optional[str]:
