@@ -44,6 +44,9 @@ def execute(cfg: DictConfig, recipe: str, choices: dict, overrides: List[str]) -
 @hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")
 def _hydra_entry(cfg: DictConfig) -> Any:
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from qrunner.report.sweep import job_row, write_job_record
 
     hc = HydraConfig.get()
     choices = dict(hc.runtime.choices)
@@ -53,9 +56,17 @@ def _hydra_entry(cfg: DictConfig) -> Any:
     from qrunner.supervise import EXIT_OOM, resume_command
 
     log = logging.getLogger("qrunner")
+    overrides = list(hc.overrides.task)
+    in_sweep = hc.mode == RunMode.MULTIRUN
     try:
-        execute(cfg, choices.get("recipe") or "custom", choices, list(hc.overrides.task))
+        report = execute(cfg, choices.get("recipe") or "custom", choices, overrides)
+        if in_sweep:
+            write_job_record(Path(hc.runtime.output_dir), hc.job.num, overrides, job_row(report))
+        return report.get("quality", {}).get("ppl_quantized")  # what a sweeper (e.g. Optuna) minimises
     except UserError as err:
+        if in_sweep:  # the sweep goes on; its report shows the row
+            print(f"qrunner: job {hc.job.num} ({' '.join(overrides)}): {err}", file=sys.stderr)
+            return _record_failure(hc, overrides, err)
         started = "run_dir" in current_status()
         print(f"qrunner: {err}" + (f"\nResume with: {resume_command()}" if started else ""), file=sys.stderr)
         sys.exit(2)
@@ -66,9 +77,23 @@ def _hydra_entry(cfg: DictConfig) -> Any:
         sys.exit(EXIT_OOM)
     except Exception as err:  # a bug or an environment problem: keep the traceback in run.log
         log.exception("stage %s failed", current_status().get("stage"))
+        if in_sweep:
+            print(f"qrunner: job {hc.job.num} failed in stage {current_status().get('stage')}: "
+                  f"{type(err).__name__}: {err}", file=sys.stderr)
+            return _record_failure(hc, overrides, err)
         print(f"qrunner: stage {current_status().get('stage')} failed: {type(err).__name__}: {err}\n"
               f"(traceback in run.log of the run directory). Resume with: {resume_command()}", file=sys.stderr)
         sys.exit(1)
+
+
+def _record_failure(hc: Any, overrides: List[str], err: BaseException) -> None:
+    """A failed job's row in the sweep (the sweep goes on; its end says how many failed)."""
+    from qrunner.pipeline.status import current_status
+    from qrunner.report.sweep import write_job_record
+
+    write_job_record(Path(hc.runtime.output_dir), hc.job.num, overrides,
+                     {"status": "failed", "error": f"{type(err).__name__}: {err}",
+                      "run_dir": current_status().get("run_dir"), "stage": current_status().get("stage")})
 
 
 def main() -> None:

@@ -58,6 +58,7 @@ def run_job(cfg: DictConfig, recipe: str, overrides: List[str], share_from: Sequ
     from qrunner.pipeline.lock import RunLock
     from qrunner.pipeline.runner import Runner, preflight_stages
     from qrunner.pipeline.status import report_status
+    from qrunner.report.sweep import bits_per_weight
     from qrunner.report.write import build_report, print_summary, write_report
     from qrunner.rundir import clear_run_dir, run_dir_for, save_config, setup_logging
     from qrunner.stages.layer_plan import AUTOSCHEME, plan_layers, read_plan
@@ -107,6 +108,7 @@ def run_job(cfg: DictConfig, recipe: str, overrides: List[str], share_from: Sequ
             plan = plan_layers(autoscheme)
             report["autoscheme"] = {k: v for k, v in autoscheme.items() if k != "layers"}
         report["full_precision_layers"] = full_precision_layers(plan)
+        report["bits_per_weight"] = bits_per_weight(plan)
         write_report(report, run_dir)
         print_summary(report)
         return report
