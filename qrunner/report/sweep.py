@@ -31,19 +31,15 @@ def bits_per_weight(plan: Iterable[Any]) -> Optional[float]:
     return round(bits / weights, 4) if weights else None
 
 
-def tree_bytes(path: Optional[str]) -> Optional[int]:
-    if not path or not Path(path).is_dir():
-        return None
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
-
-
 def job_row(report: Dict[str, Any]) -> Dict[str, Any]:
     """The sweep's row for a finished job, from its report."""
     quality = report.get("quality") or {}
     quantize = next((s for s in report["stages"] if s["name"] == "quantize"), None)
     return {
         "status": "done", "error": None, "run_dir": report["run_dir"], "exports": report.get("exports") or {},
-        "export_bytes": tree_bytes(report.get("export_dir")), "bits_per_weight": report.get("bits_per_weight"),
+        "export_bytes": next((b for f, b in (report.get("export_bytes") or {}).items()
+                              if report["exports"].get(f) == report.get("export_dir")), None),
+        "bits_per_weight": report.get("bits_per_weight"),
         **{k: quality.get(k) for k in ("ppl_quantized", "ppl_original", "ppl_ratio", "latent_mse", "psnr_db")},
         "quantize_seconds": quantize["seconds"] if quantize and "seconds" in quantize else None,
         "wall_seconds": report.get("wall_seconds"), "peak_rss_mb": report.get("peak_rss_mb"),
@@ -58,9 +54,14 @@ def write_job_record(job_dir: Path, number: int, overrides: List[str], row: Dict
     tmp.replace(job_dir / JOB_RECORD)
 
 
+def comparable(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """The finished jobs with a perplexity and an export size (the ones the front and the plot compare)."""
+    return [r for r in rows if r["status"] == "done" and r.get("ppl_quantized") is not None and r.get("export_bytes")]
+
+
 def pareto(rows: List[Dict[str, Any]]) -> List[int]:
     """Jobs no other job beats on both size and perplexity (smaller is better in both)."""
-    done = [r for r in rows if r["status"] == "done" and r.get("ppl_quantized") is not None and r.get("export_bytes")]
+    done = comparable(rows)
     return sorted(r["job"] for r in done if not any(
         o["export_bytes"] <= r["export_bytes"] and o["ppl_quantized"] <= r["ppl_quantized"]
         and (o["export_bytes"], o["ppl_quantized"]) != (r["export_bytes"], r["ppl_quantized"]) for o in done))
@@ -100,7 +101,7 @@ def sweep_markdown(rows: List[Dict[str, Any]], front: List[int], plot: Optional[
 
 
 def plot_front(rows: List[Dict[str, Any]], front: List[int], path: Path) -> Optional[str]:
-    done = [r for r in rows if r["status"] == "done" and r.get("ppl_quantized") is not None and r.get("export_bytes")]
+    done = comparable(rows)
     if not done:
         return None
     import matplotlib

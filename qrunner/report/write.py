@@ -18,8 +18,8 @@ def build_report(cfg_plain: Dict[str, Any], run_dir: Path, results: List[StageRe
     by_name = {r.name: r for r in results}
     evaluation = by_name.get("evaluate")
     quantize = by_name.get("quantize")
-    exports = {r.metrics["format"]: r.metrics["output_dir"] for r in results
-               if r.name.startswith("export") and "output_dir" in r.metrics}
+    written = [r.metrics for r in results if r.name.startswith("export") and "output_dir" in r.metrics]
+    exports = {m["format"]: m["output_dir"] for m in written}
     tasks = by_name.get("tasks")
     return {
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -40,6 +40,7 @@ def build_report(cfg_plain: Dict[str, Any], run_dir: Path, results: List[StageRe
         "block_loss_parts": quantize.metrics.get("block_loss_parts", {}) if quantize else {},
         "export_dir": exports.get("auto_round", next(iter(exports.values()), None)),
         "exports": exports,
+        "export_bytes": {m["format"]: m.get("bytes") for m in written},  # as each export stage recorded its files
         "memory_timeline": monitor.timeline(),
     }
 
