@@ -46,54 +46,55 @@ def _hydra_entry(cfg: DictConfig) -> Any:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from qrunner.report.sweep import job_row, write_job_record
-
     hc = HydraConfig.get()
-    choices = dict(hc.runtime.choices)
+    overrides = list(hc.overrides.task)
+    if hc.mode == RunMode.MULTIRUN:  # this job runs in a supervised process of its own
+        from qrunner.sweep_job import run_job_process
+
+        return run_job_process(Path(hc.runtime.output_dir), hc.job.num, overrides, cfg.run.objective.value)
+    return _run(cfg, dict(hc.runtime.choices), overrides)
+
+
+def _run(cfg: DictConfig, choices: dict, overrides: List[str]) -> None:
+    """One run, in this process: the report on success; on failure a message naming the problem and the command
+    that resumes, and the exit code (2 bad input, EXIT_OOM out of memory, 1 anything else). In a sweep's job the
+    row (or the error) also goes to the launching process."""
     import torch
 
     from qrunner.pipeline.status import current_status
+    from qrunner.report.sweep import job_row
     from qrunner.supervise import EXIT_OOM, resume_command
+    from qrunner.sweep_job import write_result
 
     log = logging.getLogger("qrunner")
-    overrides = list(hc.overrides.task)
-    in_sweep = hc.mode == RunMode.MULTIRUN
     try:
-        report = execute(cfg, choices.get("recipe") or "custom", choices, overrides)
-        if in_sweep:
-            write_job_record(Path(hc.runtime.output_dir), hc.job.num, overrides, job_row(report))
-        return report.get("quality", {}).get("ppl_quantized")  # what a sweeper (e.g. Optuna) minimises
+        write_result(job_row(execute(cfg, choices.get("recipe") or "custom", choices, overrides)))
+        return
     except UserError as err:
-        if in_sweep:  # the sweep goes on; its report shows the row
-            print(f"qrunner: job {hc.job.num} ({' '.join(overrides)}): {err}", file=sys.stderr)
-            return _record_failure(hc, overrides, err)
+        _failed(err)
         started = "run_dir" in current_status()
         print(f"qrunner: {err}" + (f"\nResume with: {resume_command()}" if started else ""), file=sys.stderr)
         sys.exit(2)
-    except (MemoryError, torch.OutOfMemoryError) as err:
+    except (MemoryError, torch.OutOfMemoryError) as err:  # the supervisor restarts it lower (no row yet)
         log.error("out of memory in stage %s: %s", current_status().get("stage"), err)
         print(f"qrunner: out of memory in stage {current_status().get('stage')} ({type(err).__name__}); "
               f"nothing committed is lost. Resume with: {resume_command()} memory=low", file=sys.stderr)
         sys.exit(EXIT_OOM)
     except Exception as err:  # a bug or an environment problem: keep the traceback in run.log
         log.exception("stage %s failed", current_status().get("stage"))
-        if in_sweep:
-            print(f"qrunner: job {hc.job.num} failed in stage {current_status().get('stage')}: "
-                  f"{type(err).__name__}: {err}", file=sys.stderr)
-            return _record_failure(hc, overrides, err)
+        _failed(err)
         print(f"qrunner: stage {current_status().get('stage')} failed: {type(err).__name__}: {err}\n"
               f"(traceback in run.log of the run directory). Resume with: {resume_command()}", file=sys.stderr)
         sys.exit(1)
 
 
-def _record_failure(hc: Any, overrides: List[str], err: BaseException) -> None:
-    """A failed job's row in the sweep (the sweep goes on; its end says how many failed)."""
+def _failed(err: BaseException) -> None:
+    """A failed sweep job's row, for the launching process (the sweep goes on; its end says how many failed)."""
     from qrunner.pipeline.status import current_status
-    from qrunner.report.sweep import write_job_record
+    from qrunner.sweep_job import write_result
 
-    write_job_record(Path(hc.runtime.output_dir), hc.job.num, overrides,
-                     {"status": "failed", "error": f"{type(err).__name__}: {err}",
-                      "run_dir": current_status().get("run_dir"), "stage": current_status().get("stage")})
+    write_result({"status": "failed", "error": f"{type(err).__name__}: {err}",
+                  "run_dir": current_status().get("run_dir"), "stage": current_status().get("stage")})
 
 
 def main() -> None:

@@ -3,6 +3,7 @@ write the report. `cli` runs one job per budget when scheme=auto is given severa
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Sequence
@@ -40,15 +41,18 @@ def open_session(cfg: DictConfig, adapter: Any, log: logging.Logger) -> Any:
     return ModelSession(cfg, adapter, log)
 
 
-def sibling_run_dirs(run_dir: Path) -> List[Path]:
-    """The other run directories beside `run_dir` (same run.root and recipe): their committed stages are taken
-    when the fingerprints match (e.g. another budget's scores, another scheme's calibration inputs)."""
-    return sorted(d for d in run_dir.parent.iterdir() if d.is_dir() and d != run_dir and (d / "stages").is_dir())
+def _waiting_for_run(run_dir: Path) -> Any:
+    def say(holder: str) -> None:
+        print(f"[qrunner] run directory {run_dir} is in use by pid {holder} (another job of the sweep with the same "
+              "results); waiting for it", file=sys.stderr)
+    return say
 
 
 def run_job(cfg: DictConfig, recipe: str, overrides: List[str], share_from: Sequence[Path] = ()) -> Dict[str, Any]:
     """Run the pipeline of a validated config; returns the report. Committed stages with the same fingerprint in
-    the run directories of `share_from` and beside this run's are taken instead of recomputed."""
+    the run directories of `share_from` and of every run under run.root are taken instead of recomputed (e.g.
+    another scheme's calibration inputs, another budget's scores); jobs running at the same time that need the
+    same missing stage compute it once (`StageLock`)."""
     import torch
 
     from qrunner.memory.monitor import MemoryMonitor, process_peak_mb
@@ -60,9 +64,10 @@ def run_job(cfg: DictConfig, recipe: str, overrides: List[str], share_from: Sequ
     from qrunner.pipeline.status import report_status
     from qrunner.report.sweep import bits_per_weight
     from qrunner.report.write import build_report, print_summary, write_report
-    from qrunner.rundir import clear_run_dir, run_dir_for, save_config, setup_logging
+    from qrunner.rundir import clear_run_dir, run_dir_for, run_dirs_under, save_config, setup_logging
     from qrunner.stages.layer_plan import AUTOSCHEME, plan_layers, read_plan
     from qrunner.supervise import restarts
+    from qrunner.sweep_job import in_sweep
 
     started = time.time()
     monitor = MemoryMonitor().start()
@@ -72,8 +77,9 @@ def run_job(cfg: DictConfig, recipe: str, overrides: List[str], share_from: Sequ
     preflight_stages(cfg, adapter.stages, session)
     plain = schema.as_plain(cfg)
     run_dir = run_dir_for(plain, recipe)
+    root = Path(plain["run"]["root"]).expanduser().resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    with RunLock(run_dir):
+    with RunLock(run_dir, wait=_waiting_for_run(run_dir) if in_sweep() else None):
         if cfg.run.fresh:
             clear_run_dir(run_dir)
         log = setup_logging(run_dir)
@@ -91,7 +97,7 @@ def run_job(cfg: DictConfig, recipe: str, overrides: List[str], share_from: Sequ
         save_config(run_dir, OmegaConf.to_yaml(cfg, resolve=True), overrides)
         runner = Runner(cfg, run_dir, adapter.stages, session, log, monitor, session.identity(),
                         forbidden_keys=schema.NON_SEMANTIC_KEYS,
-                        share_from=[*share_from, *sibling_run_dirs(run_dir)])
+                        other_runs=lambda: [*map(Path, share_from), *run_dirs_under(root, run_dir)], lock_root=root)
         freeze_long_lived_objects()
         try:
             results = runner.run()

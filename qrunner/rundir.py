@@ -7,7 +7,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, Sequence
+from typing import Any, Dict, List, Sequence
 
 from qrunner.config.schema import RUN_DIR_EXCLUDED_KEYS
 from qrunner.pipeline.atomic import remove_tree, write_bytes_atomic
@@ -19,6 +19,18 @@ def run_dir_for(cfg_plain: Dict[str, Any], recipe: str) -> Path:
         return Path(cfg_plain["run"]["dir"]).expanduser().resolve()
     digest = stable_hash(drop_keys(cfg_plain, RUN_DIR_EXCLUDED_KEYS))[:12]
     return (Path(cfg_plain["run"]["root"]).expanduser() / recipe / digest).resolve()
+
+
+def run_dirs_under(root: Path, run_dir: Path) -> List[Path]:
+    """The run directories whose committed stages a run may take: those beside `run_dir` first (the same recipe's),
+    then every other one under run.root (`<root>/<recipe>/<hash>`), `run_dir` itself left out."""
+    seen, found = {run_dir.resolve()}, []
+    for candidate in [*sorted(run_dir.parent.glob("*/stages")), *sorted(Path(root).expanduser().glob("*/*/stages"))]:
+        run = candidate.parent.resolve()
+        if run not in seen and candidate.is_dir():
+            seen.add(run)
+            found.append(run)
+    return found
 
 
 def clear_run_dir(run_dir: Path) -> None:

@@ -33,11 +33,13 @@ RESTARTS_ENV = "QRUNNER_RESTARTS"
 ARGV_ENV = "QRUNNER_ARGV"
 EXIT_OOM = 75  # the child ran out of memory (EX_TEMPFAIL)
 LOWER = {"high": "medium", "medium": "low"}
+_MULTIRUN_FLAGS = ("-m", "--multirun")
 _INFO_FLAGS = ("--cfg", "-c", "--help", "-h", "--hydra-help", "--info", "-i", "--shell-completion", "-sc")
 
 
 def should_supervise(argv: List[str]) -> bool:
-    return not os.environ.get(CHILD_ENV) and not any(a.split("=")[0] in _INFO_FLAGS for a in argv)
+    """A single run is supervised here; a multirun is not: each of its jobs runs supervised (`sweep_job`)."""
+    return not os.environ.get(CHILD_ENV) and not any(a.split("=")[0] in _INFO_FLAGS + _MULTIRUN_FLAGS for a in argv)
 
 
 def resume_command() -> str:
@@ -55,14 +57,17 @@ def _with_memory(argv: List[str], mode: Optional[str]) -> List[str]:
     return [a for a in argv if not a.lstrip("+~").startswith("memory=")] + [f"memory={mode}"]
 
 
-def supervise(argv: List[str]) -> int:
+def supervise(argv: List[str], extra_env: Optional[Dict[str, str]] = None, relay_signals: bool = True) -> int:
+    """Run `qrunner ARGV` in a child until it succeeds, fails for another reason than memory, or fails in
+    memory=low; returns its exit code. A child killed by another signal kills this process with it, unless
+    `relay_signals` is False (a sweep's job: the code is returned, negative)."""
     attempts: List[Dict[str, object]] = []
     mode: Optional[str] = None
     with tempfile.TemporaryDirectory(prefix="qrunner-supervisor-") as tmp:
         while True:
             status_file = Path(tmp) / f"status-{len(attempts)}.json"
             env = dict(os.environ, **{CHILD_ENV: "1", STATUS_ENV: str(status_file), ARGV_ENV: json.dumps(argv),
-                                      RESTARTS_ENV: json.dumps(attempts)})
+                                      RESTARTS_ENV: json.dumps(attempts)}, **(extra_env or {}))
             if attempts:
                 env.pop(FAULT_ENV, None)  # an injected fault hits the first attempt only
             try:
@@ -74,7 +79,7 @@ def supervise(argv: List[str]) -> int:
             status = read_status(status_file)
             died_of_memory = code in (-signal.SIGKILL, EXIT_OOM)
             if not died_of_memory or status.get("on_oom") != "downgrade":
-                if code < 0:  # pass a deadly signal on as such
+                if code < 0 and relay_signals:  # pass a deadly signal on as such
                     if -code != signal.SIGKILL:
                         signal.signal(-code, signal.SIG_DFL)
                     os.kill(os.getpid(), -code)

@@ -20,6 +20,11 @@ class MemoryMode(str, Enum):
     low = "low"
 
 
+class Objective(str, Enum):
+    quality = "quality"  # the held-out perplexity (a diffusion model's latent MSE)
+    quality_and_size = "quality_and_size"  # that and the export's bytes, for a two-objective Optuna study
+
+
 class OnOom(str, Enum):
     downgrade = "downgrade"
     fail = "fail"
@@ -212,6 +217,8 @@ class RunConfig:
     show_progress: bool = True
     # when the run dies of memory (OOM kill, MemoryError): restart it one memory mode lower, or fail
     on_oom: OnOom = OnOom.downgrade
+    # what a sweep job returns for a sweeper to minimise (hydra/sweeper=optuna)
+    objective: Objective = Objective.quality
 
 
 @dataclass

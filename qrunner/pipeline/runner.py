@@ -6,7 +6,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from omegaconf import DictConfig
 
@@ -14,6 +14,7 @@ from qrunner.errors import UserError
 from qrunner.memory.monitor import MemoryMonitor
 from qrunner.pipeline.dag import topological_order
 from qrunner.pipeline.fingerprint import select_keys, stage_fingerprint
+from qrunner.pipeline.lock import StageLock
 from qrunner.pipeline.stage import Stage, StageContext, stage_class
 from qrunner.pipeline.status import report_status
 from qrunner.pipeline.store import ArtifactStore
@@ -30,6 +31,7 @@ class StageResult:
     metrics: Dict[str, Any] = field(default_factory=dict)
     reason: str = ""
     commit_seconds: float = 0.0  # publishing the stage's folder (fsync + rename)
+    source: Optional[str] = None  # the run directory a reused result was taken from (None: this run's own)
 
 
 GB = 1024**3
@@ -52,7 +54,7 @@ def preflight_stages(cfg: DictConfig, stage_names: Sequence[str], session: Any) 
 class Runner:
     def __init__(self, cfg: DictConfig, run_dir: Path, stage_names: Sequence[str], session: Any,
                  log: logging.Logger, monitor: MemoryMonitor, model_id: str, forbidden_keys: Sequence[str] = (),
-                 share_from: Sequence[Path] = ()):
+                 other_runs: Callable[[], Sequence[Path]] = tuple, lock_root: Optional[Path] = None):
         self.cfg = cfg
         self.run_dir = run_dir
         self.session = session
@@ -60,8 +62,11 @@ class Runner:
         self.monitor = monitor
         self.model_id = model_id
         self.store = ArtifactStore(run_dir)
-        # other run directories whose committed stages this run takes when the fingerprints match
-        self.shared = [ArtifactStore(Path(d)) for d in share_from if Path(d).resolve() != Path(run_dir).resolve()]
+        # the other run directories (looked for again each time) whose committed stages this run takes when the
+        # fingerprints match; with lock_root, jobs that need the same missing stage compute it once
+        self.other_runs = other_runs
+        self.lock_root = lock_root
+        self.sources: Dict[str, str] = {}  # stage -> the run directory its result was taken from
         classes = [stage_class(key) for key in stage_names]
         self.stages: Dict[str, Stage] = {cls.name: cls() for cls in classes if cls.in_pipeline(cfg)}
         for stage in self.stages.values():
@@ -90,11 +95,8 @@ class Runner:
         for name in self.order:
             manifest = self.store.manifest(name)
             stale = manifest is None or manifest.get("fingerprint") != self.fingerprints[name]
-            if stale and self.stages[name].shareable:
-                source = next((o for o in self.shared if self.store.adopt(name, self.fingerprints[name], o)), None)
-                if source is not None:
-                    self.log.info("stage %-9s taken from %s (same fingerprint)", name, source.run_dir)
-                    manifest = self.store.manifest(name)
+            if stale and self.stages[name].shareable and self._adopt(name):
+                manifest = self.store.manifest(name)
             if manifest is None:
                 partial = self.store.partial(name)
                 decisions[name] = "resuming from its checkpoints" if partial.exists() else "not run yet"
@@ -108,6 +110,16 @@ class Runner:
                 else:
                     decisions[name] = self.stages[name].still_valid(self.cfg, self.store.final(name), manifest)
         return decisions
+
+    def _adopt(self, name: str) -> bool:
+        """Take another run's committed result of stage `name` with this run's fingerprint, if there is one."""
+        here = self.run_dir.resolve()
+        for other in self.other_runs():
+            if Path(other).resolve() != here and self.store.adopt(name, self.fingerprints[name], ArtifactStore(other)):
+                self.sources[name] = str(other)
+                self.log.info("stage %-9s taken from %s (same fingerprint)", name, other)
+                return True
+        return False
 
     def _drift(self, name: str, manifest: Dict[str, Any], decided: Dict[str, Optional[str]]) -> str:
         """Why a committed stage's fingerprint no longer matches: the keys that changed, or what else did."""
@@ -139,15 +151,26 @@ class Runner:
         for name, reason in plan.items():
             stage, fp = self.stages[name], self.fingerprints[name]
             if reason is None:
-                manifest = self.store.manifest(name) or {}
-                self.log.info("stage %-9s reused (finished earlier, fingerprint %s)", name, fp[:12])
-                results.append(StageResult(name, "reused", fp, manifest.get("seconds", 0.0),
-                                           manifest.get("peak_rss_mb", 0.0), manifest.get("metrics", {})))
+                if name not in self.sources:
+                    self.log.info("stage %-9s reused (finished earlier, fingerprint %s)", name, fp[:12])
+                results.append(self._reused(name, fp))
                 continue
-            self.log.info("stage %-9s running: %s", name, reason)
-            report_status(stage=name, block=None)
-            results.append(self._run_stage(stage, fp, reason))
+            if not stage.shareable or self.lock_root is None:
+                results.append(self._run_stage(stage, fp, reason))
+                continue
+            lock = StageLock(self.lock_root, name, fp, self.run_dir)
+            lock.acquire(lambda holder: self.log.info("stage %-9s waiting: %s computes the same result", name,
+                                                      holder))
+            try:  # another job may have committed it meanwhile
+                results.append(self._reused(name, fp) if self._adopt(name) else self._run_stage(stage, fp, reason))
+            finally:
+                lock.release()
         return results
+
+    def _reused(self, name: str, fp: str) -> StageResult:
+        manifest = self.store.manifest(name) or {}
+        return StageResult(name, "reused", fp, manifest.get("seconds", 0.0), manifest.get("peak_rss_mb", 0.0),
+                           manifest.get("metrics", {}), source=self.sources.get(name))
 
     def _check_disk(self, stage: Stage) -> None:
         """Refuse, before writing, a stage whose estimated output does not fit the free disk space."""
@@ -159,6 +182,8 @@ class Runner:
                             "larger disk. Nothing was written.")
 
     def _run_stage(self, stage: Stage, fp: str, reason: str) -> StageResult:
+        self.log.info("stage %-9s running: %s", stage.name, reason)
+        report_status(stage=stage.name, block=None)
         self._check_disk(stage)
         out = self.store.begin(stage.name, fp)
         units = UnitStore(out / "units", stage.name)

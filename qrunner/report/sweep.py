@@ -17,6 +17,7 @@ from hydra.experimental.callback import Callback
 from qrunner.quant.bit_budget import layer_cost_bits
 
 JOB_RECORD = "job.json"
+OPTUNA_RESULTS = "optimization_results.yaml"  # Hydra's Optuna sweeper writes the best trial here
 
 
 def bits_per_weight(plan: Iterable[Any]) -> Optional[float]:
@@ -75,9 +76,27 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-def sweep_markdown(rows: List[Dict[str, Any]], front: List[int], plot: Optional[str]) -> str:
+def search_markdown(found: Optional[Dict[str, Any]]) -> List[str]:
+    """The best parameters a search (Optuna) found, as lines of sweep.md."""
+    if not found:
+        return []
+    lines = ["", f"## Best parameters ({found.get('name', 'search')})", ""]
+    if "best_params" in found:
+        lines += [f"- `{k}={v}`" for k, v in found["best_params"].items()]
+        lines += [f"- objective: {_cell(found.get('best_value'))}"]
+    for solution in found.get("solutions", []):  # a two-objective study: its Pareto solutions
+        lines += [f"- {' '.join(f'`{k}={v}`' for k, v in solution['params'].items())}: objectives "
+                  f"{', '.join(_cell(v) for v in solution['values'])}"]
+    return lines
+
+
+def sweep_markdown(rows: List[Dict[str, Any]], front: List[int], plot: Optional[str],
+                   found: Optional[Dict[str, Any]] = None) -> str:
+    common = [o for o in rows[0]["overrides"] if all(o in r["overrides"] for r in rows)] if len(rows) > 1 else []
     lines = ["# qrunner sweep", "", f"{len(rows)} jobs, {sum(r['status'] == 'done' for r in rows)} done; "
              f"Pareto front (size vs perplexity): jobs {', '.join(map(str, front)) or 'none'}.", ""]
+    if common:
+        lines += ["Every job: " + " ".join(f"`{o}`" for o in common), ""]
     cols = ("job", "overrides", "status", "ppl_quantized", "ppl_ratio", "export_bytes", "bits_per_weight",
             "quantize_seconds", "peak_rss_mb", "reused")
     lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -86,7 +105,7 @@ def sweep_markdown(rows: List[Dict[str, Any]], front: List[int], plot: Optional[
         for c in cols:
             v = r.get(c)
             if c == "overrides":
-                v = " ".join(f"`{o}`" for o in v)
+                v = " ".join(f"`{o}`" for o in v if o not in common)
             elif c == "reused":
                 v = ", ".join(v or [])
             elif c == "status" and r["status"] != "done":
@@ -95,6 +114,7 @@ def sweep_markdown(rows: List[Dict[str, Any]], front: List[int], plot: Optional[
                 v = f"**{v}**"
             cells.append(_cell(v) if c not in ("overrides", "reused", "status") else str(v))
         lines.append("| " + " | ".join(cells) + " |")
+    lines += search_markdown(found)
     if plot:
         lines += ["", f"![perplexity vs size]({plot})"]
     return "\n".join(lines) + "\n"
@@ -118,6 +138,9 @@ def plot_front(rows: List[Dict[str, Any]], front: List[int], path: Path) -> Opti
             label="Pareto front")
     ax.set_xlabel("export size (MB)")
     ax.set_ylabel("perplexity")
+    ppl = [r["ppl_quantized"] for r in done]
+    if min(ppl) > 0 and max(ppl) / min(ppl) > 10:  # 2-bit jobs next to 8-bit ones
+        ax.set_yscale("log")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -129,9 +152,19 @@ def write_sweep(sweep_dir: Path) -> List[Dict[str, Any]]:
     rows = sorted((json.loads(p.read_text()) for p in sweep_dir.glob(f"*/{JOB_RECORD}")), key=lambda r: r["job"])
     front = pareto(rows)
     plot = plot_front(rows, front, sweep_dir / "sweep.png")
-    (sweep_dir / "sweep.json").write_text(json.dumps({"jobs": rows, "pareto": front}, indent=1, default=str))
-    (sweep_dir / "sweep.md").write_text(sweep_markdown(rows, front, plot))
+    found = _search_results(sweep_dir / OPTUNA_RESULTS)
+    (sweep_dir / "sweep.json").write_text(json.dumps({"jobs": rows, "pareto": front, "search": found}, indent=1,
+                                                     default=str))
+    (sweep_dir / "sweep.md").write_text(sweep_markdown(rows, front, plot, found))
     return rows
+
+
+def _search_results(path: Path) -> Optional[Dict[str, Any]]:
+    if not path.is_file():
+        return None
+    import yaml
+
+    return yaml.safe_load(path.read_text())
 
 
 class SweepReport(Callback):
@@ -140,8 +173,9 @@ class SweepReport(Callback):
     def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
         """Rows of an earlier sweep in the same folder go: this sweep's jobs write theirs again (the finished ones
         in seconds, their stages reused)."""
-        for stale in Path(str(config.hydra.sweep.dir)).glob(f"*/{JOB_RECORD}"):
-            stale.unlink()
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        for stale in [*sweep_dir.glob(f"*/{JOB_RECORD}"), sweep_dir / OPTUNA_RESULTS]:
+            stale.unlink(missing_ok=True)
 
     def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
         sweep_dir = Path(str(config.hydra.sweep.dir))

@@ -117,7 +117,8 @@ def markdown(report: Dict[str, Any], images: List[Path]) -> str:
         "|---|---|---:|---:|",
     ]
     for st in report["stages"]:
-        lines.append(f"| {st['name']} | {st['status']} | {st['seconds']:.2f} | {st['peak_rss_mb']:.0f} |")
+        status = f"reused, taken from `{st['source']}`" if st.get("source") else st["status"]
+        lines.append(f"| {st['name']} | {status} | {st['seconds']:.2f} | {st['peak_rss_mb']:.0f} |")
     q = report["quality"]
     if any(k.startswith("ppl") for k in q):
         lines += ["", "| perplexity | value |", "|---|---:|"]
@@ -187,7 +188,8 @@ def print_summary(report: Dict[str, Any]) -> None:
     for col in ("stage", "status", "time (s)", "peak RSS (MB)"):
         table.add_column(col, justify="right" if "(" in col else "left")
     for st in report["stages"]:
-        table.add_row(st["name"], st["status"], f"{st['seconds']:.2f}", f"{st['peak_rss_mb']:.0f}")
+        status = f"taken from {Path(st['source']).name}" if st.get("source") else st["status"]
+        table.add_row(st["name"], status, f"{st['seconds']:.2f}", f"{st['peak_rss_mb']:.0f}")
     console = Console(stderr=False)
     console.print(table)
     q = report["quality"]

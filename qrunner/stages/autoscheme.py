@@ -21,7 +21,7 @@ from qrunner.pipeline.stage import Stage, StageContext, register_stage
 from qrunner.quant.bit_budget import Item, layer_cost_bits, max_cost, min_cost, solve
 from qrunner.quant.scheme import parse_scheme_name
 from qrunner.stages.autoscheme_scores import read_scores
-from qrunner.stages.layer_plan import AUTOSCHEME, scheme_is_auto, write_plan
+from qrunner.stages.layer_plan import AUTOSCHEME, PLAN_KEYS, scheme_is_auto, write_plan
 
 
 @dataclasses.dataclass
@@ -84,7 +84,7 @@ class AutoSchemeStage(Stage):
     name = AUTOSCHEME
     needs = ("load", "autoscheme_scores")
     reads = ("scheme.name", "scheme.auto.avg_bits", "scheme.auto.options", "scheme.auto.shared_layers",
-             "scheme.auto.ignore_scale_zp_bits")
+             "scheme.auto.ignore_scale_zp_bits", *PLAN_KEYS)
     version = 1
     description = "per-layer schemes under the bit budget (exact knapsack)"
 

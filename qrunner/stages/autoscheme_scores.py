@@ -35,7 +35,7 @@ from qrunner.pipeline.stage import Stage, StageContext, register_stage
 from qrunner.quant.rtn import quantize_rtn
 from qrunner.quant.scheme import parse_scheme_name
 from qrunner.stages.capture import capture_block_inputs
-from qrunner.stages.layer_plan import scheme_is_auto
+from qrunner.stages.layer_plan import PLAN_KEYS, scheme_is_auto
 from qrunner.stages.quantize import BATCH, ChainRows, block_inputs, forward_rows, open_block_rows, publish_rows
 
 SCORES = "scores.json"
@@ -72,7 +72,7 @@ class AutoSchemeScoresStage(Stage):
     reads = ("scheme.name", "scheme.auto.options", "scheme.auto.nsamples", "scheme.auto.seqlen",
              "scheme.auto.batch_size", "data.source",
              "data.format", "data.text_field", "data.separator", "data.split_paragraphs", "data.seed",
-             "model.compute_dtype")
+             "model.compute_dtype", *PLAN_KEYS)
     version = 1
     description = "first-order loss change per layer and candidate scheme (block-streamed)"
 

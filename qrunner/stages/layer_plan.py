@@ -1,5 +1,5 @@
-"""The layer plan the quantize and export stages follow: the load stage's (one scheme for all, with the
-config's overrides), or under scheme=auto the plan the autoscheme stage chose."""
+"""The layer plan the quantize and export stages follow: the session's (one scheme for all, with the config's
+overrides), or under scheme=auto the plan the autoscheme stage chose."""
 from __future__ import annotations
 
 import json
@@ -11,6 +11,9 @@ from qrunner.pipeline.stage import StageContext
 
 AUTOSCHEME = "autoscheme"  # the stage that writes a per-layer plan
 PLAN = "plan.json"
+# the settings the session's layer plan follows: a stage that reads the plan reads these keys, so the stages
+# upstream of it (load, data, capture) stay the same across the schemes of a sweep and are computed once
+PLAN_KEYS = ("scheme.bits", "scheme.group_size", "scheme.sym", "quant.ignore_layers", "quant.layer_overrides")
 
 
 def write_plan(folder: Path, layers: List[LayerPlan], summary: Dict[str, Any]) -> None:

@@ -1,8 +1,10 @@
-"""load: read the model's config (and tokenizer, or pipeline index), build the meta skeleton, plan which layers to quantize."""
+"""load: read the model's config (and tokenizer, or pipeline index), build the meta skeleton, list the blocks.
+
+The layer plan (which layers are quantized, at which scheme) is not part of load's output: it follows the scheme,
+and load (with data and capture after it) is what the runs of a scheme sweep share."""
 from __future__ import annotations
 
 import json
-from collections import Counter
 from typing import Any, Dict
 
 from qrunner.pipeline.stage import Stage, StageContext, register_stage
@@ -11,28 +13,17 @@ from qrunner.pipeline.stage import Stage, StageContext, register_stage
 @register_stage
 class LoadStage(Stage):
     name = "load"
-    reads = ("model.path", "model.trust_remote_code", "family.name", "family.block_names",
-             "scheme.bits", "scheme.group_size", "scheme.sym", "quant.ignore_layers", "quant.layer_overrides")
-    version = 1
-    description = "config, tokenizer, meta skeleton, layer plan"
+    reads = ("model.path", "model.trust_remote_code", "family.name", "family.block_names")
+    version = 2
+    description = "config, tokenizer, meta skeleton, blocks"
 
     def run(self, ctx: StageContext) -> Dict[str, Any]:
         session = ctx.session
         session.preflight()
-        plan = session.layer_plan
         blocks = session.blocks(session.skeleton)
-        info = {
-            **session.model_info(),
-            "block_lists": session.block_lists,
-            "blocks": [name for name, _ in blocks],
-            "layers": [p.__dict__ for p in plan],
-        }
+        info = {**session.model_info(), "block_lists": session.block_lists, "blocks": [name for name, _ in blocks]}
         (ctx.out / "model_info.json").write_text(json.dumps(info, indent=1))
-        skipped = Counter(p.reason for p in plan if not p.quantize)
-        for reason, n in skipped.items():
-            ctx.log.info("load: %d layer(s) stay in full precision: %s", n, reason)
-        return {"blocks": len(blocks), "layers_quantized": sum(p.quantize for p in plan),
-                "layers_skipped": sum(not p.quantize for p in plan)}
+        return {"blocks": len(blocks)}
 
 
 def read_model_info(ctx: StageContext) -> Dict[str, Any]:

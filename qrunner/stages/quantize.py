@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections import Counter
 from collections.abc import Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,7 +36,7 @@ from qrunner.quant.opt_rtn import ImportanceCollector, quantize_weighted_rtn
 from qrunner.quant.rtn import QuantizedWeight, quantize_rtn
 from qrunner.quant.scheme import QuantScheme
 from qrunner.stages.capture import open_side_rows
-from qrunner.stages.layer_plan import AUTOSCHEME, planned_layers
+from qrunner.stages.layer_plan import AUTOSCHEME, PLAN_KEYS, planned_layers
 
 QUANTIZED = "quantized.safetensors"
 # the next block's inputs, committed with each block as row files (.bin + .json)
@@ -228,10 +229,10 @@ class QuantizeStage(Stage):
     name = "quantize"
     needs = ("load", "capture")
     uses = (AUTOSCHEME,)  # scheme=auto: each layer's scheme from the plan
-    reads = ("scheme.bits", "scheme.group_size", "scheme.sym", "scheme.data_type", "quant.iters", "quant.lr",
+    reads = ("scheme.data_type", "quant.iters", "quant.lr",
              "quant.minmax_lr", "quant.batch_size", "quant.grad_accum", "quant.minmax_tuning",
              "quant.quantized_inputs", "quant.opt_rtn", "quant.amp_bf16", "quant.compile", "quant.seed",
-             "quant.ignore_layers", "quant.layer_overrides", "model.compute_dtype", "family.loss_streams")
+             *PLAN_KEYS, "model.compute_dtype", "family.loss_streams")
     version = 3
     description = "block-by-block AutoRound tuning, checkpointed per block"
 
@@ -244,7 +245,10 @@ class QuantizeStage(Stage):
     def run(self, ctx: StageContext) -> Dict[str, Any]:
         session, cfg = ctx.session, ctx.cfg
         names = session.block_names()
-        plan_by_block = _plan_by_block(planned_layers(ctx), names)
+        plan = planned_layers(ctx)
+        for reason, n in Counter(p.reason for p in plan if not p.quantize).items():
+            ctx.log.info("quantize: %d layer(s) stay in full precision: %s", n, reason)
+        plan_by_block = _plan_by_block(plan, names)
         per_block = load_block_inputs(ctx.inputs["capture"], session.compute_dtype)
         settings = tune_settings(cfg)
         chains = ChainRows(ctx.out / SCRATCH, session.activations_on_disk)
