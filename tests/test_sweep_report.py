@@ -18,6 +18,9 @@ def test_pareto_front_keeps_the_jobs_no_other_beats_on_size_and_perplexity():
             {"job": 3, "status": "failed", "error": "x"},
             {"job": 4, "status": "done", "export_bytes": 100, "ppl_quantized": 10.5}]  # beaten by job 0
     assert pareto(rows) == [0, 1]
+    # a tuned export a few bytes larger than the untuned one (its config says so) is the same size, and better
+    rows.append({"job": 5, "status": "done", "export_bytes": 100.05, "ppl_quantized": 9.9})
+    assert pareto(rows) == [1, 5]
 
 
 def test_bits_per_weight_counts_scales_and_zero_points_and_full_precision_layers():

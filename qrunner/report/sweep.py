@@ -60,12 +60,20 @@ def comparable(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     return [r for r in rows if r["status"] == "done" and r.get("ppl_quantized") is not None and r.get("export_bytes")]
 
 
+SAME_SIZE = 1e-3  # exports within 0.1 % of each other are the same size (a config file's few bytes differ)
+
+
+def _beats(o: Dict[str, Any], r: Dict[str, Any]) -> bool:
+    """Whether job `o` is at least as small and as good as `r`, and better in one of the two."""
+    size_o, size_r, ppl_o, ppl_r = o["export_bytes"], r["export_bytes"], o["ppl_quantized"], r["ppl_quantized"]
+    no_larger = size_o <= size_r * (1 + SAME_SIZE)
+    return no_larger and ppl_o <= ppl_r and (ppl_o < ppl_r or size_o < size_r * (1 - SAME_SIZE))
+
+
 def pareto(rows: List[Dict[str, Any]]) -> List[int]:
     """Jobs no other job beats on both size and perplexity (smaller is better in both)."""
     done = comparable(rows)
-    return sorted(r["job"] for r in done if not any(
-        o["export_bytes"] <= r["export_bytes"] and o["ppl_quantized"] <= r["ppl_quantized"]
-        and (o["export_bytes"], o["ppl_quantized"]) != (r["export_bytes"], r["ppl_quantized"]) for o in done))
+    return sorted(r["job"] for r in done if not any(_beats(o, r) for o in done))
 
 
 def _cell(value: Any) -> str:
