@@ -90,29 +90,27 @@ def test_launched_jobs_share_stages_through_the_lock_and_export_the_same(launche
 
 
 def test_a_killed_sweep_finishes_when_rerun_without_redoing_finished_stages(tmp_path):
-    args = [sys.executable, "-m", "qrunner", "-m", f"run.root={tmp_path}", *SMALL, *GRID, "run.show_progress=false"]
+    grid = ["scheme=w4a16,w8a16", "quant.iters=4"]
+    args = [sys.executable, "-m", "qrunner", "-m", f"run.root={tmp_path}", *SMALL, *grid, "run.show_progress=false"]
     proc = subprocess.Popen(args, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while time.time() < deadline and len(list(tmp_path.glob("demo/*/stages/evaluate/manifest.json"))) < 2:
-        time.sleep(0.2)
+    while time.time() < deadline and not list(tmp_path.glob("demo/*/stages/evaluate/manifest.json")):
+        time.sleep(0.1)
     os.killpg(proc.pid, signal.SIGKILL)  # the sweep, the job's supervisor and the job
     proc.wait()
     before = {str(m): json.loads(m.read_text())["started_at"] for m in tmp_path.glob("demo/*/stages/*/manifest.json")}
-    assert 2 <= len(list(tmp_path.glob("demo/*/stages/evaluate/manifest.json"))) < 4
+    assert len(list(tmp_path.glob("demo/*/stages/evaluate/manifest.json"))) == 1  # the second job never finished
     res = run_cli(args[3:-1])
     assert res.returncode == 0, res.stderr[-3000:]
     after = {str(m): json.loads(m.read_text())["started_at"] for m in tmp_path.glob("demo/*/stages/*/manifest.json")}
     assert all(after[m] == t for m, t in before.items())  # nothing finished was computed again
     rows = sweep_rows(tmp_path)
-    assert len(rows) == 4 and all(r["status"] == "done" for r in rows.values())
-    finished_before = {r["run_dir"] for r in rows.values()
-                       if str(Path(r["run_dir"]) / "stages" / "evaluate" / "manifest.json") in before}
-    assert len(finished_before) >= 2
-    for r in rows.values():
-        if r["run_dir"] in finished_before:
-            assert {"quantize", "evaluate"} <= set(r["reused"])
-    assert len(set(committed(tmp_path, "capture"))) == 1
+    assert len(rows) == 2 and all(r["status"] == "done" for r in rows.values())
+    first = rows["scheme=w4a16 quant.iters=4"]
+    assert str(Path(first["run_dir"]) / "stages" / "evaluate" / "manifest.json") in before
+    assert {"load", "data", "capture", "quantize", "export", "evaluate"} == set(first["reused"])
+    assert len(after) == 12 and len(set(committed(tmp_path, "capture"))) == 1
 
 
 def test_an_optuna_search_ends_with_its_best_parameters_in_the_sweep_report(tmp_path):
