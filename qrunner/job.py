@@ -48,6 +48,12 @@ def _waiting_for_run(run_dir: Path) -> Any:
     return say
 
 
+def _device_peak(results: List[Any]) -> Any:
+    """The largest of the stages' peak device memory (None when no stage used a GPU)."""
+    peaks = [r.peak_vram_mb for r in results if r.peak_vram_mb]
+    return max(peaks, key=lambda v: v["allocated_mb"]) if peaks else None
+
+
 def run_job(cfg: DictConfig, recipe: str, overrides: List[str], share_from: Sequence[Path] = ()) -> Dict[str, Any]:
     """Run the pipeline of a validated config; returns the report. Committed stages with the same fingerprint in
     the run directories of `share_from` and of every run under run.root are taken instead of recomputed (e.g.
@@ -55,6 +61,7 @@ def run_job(cfg: DictConfig, recipe: str, overrides: List[str], share_from: Sequ
     same missing stage compute it once (`StageLock`)."""
     import torch
 
+    from qrunner.memory.device import resolve_device
     from qrunner.memory.monitor import MemoryMonitor, process_peak_mb
     from qrunner.memory.trim import freeze_long_lived_objects
     from qrunner.models.adapter import full_precision_layers, kernel_warning
@@ -75,6 +82,7 @@ def run_job(cfg: DictConfig, recipe: str, overrides: List[str], share_from: Sequ
     session = open_session(cfg, adapter, logging.getLogger("qrunner"))
     session.preflight()  # on the meta skeleton: nothing loaded yet
     preflight_stages(cfg, adapter.stages, session)
+    device = resolve_device(cfg.device)  # a device this machine lacks is refused before anything is written
     plain = schema.as_plain(cfg)
     run_dir = run_dir_for(plain, recipe)
     root = Path(plain["run"]["root"]).expanduser().resolve()
@@ -89,7 +97,8 @@ def run_job(cfg: DictConfig, recipe: str, overrides: List[str], share_from: Sequ
             log.warning(kept)
         memory = choose_memory(cfg, session, log)
         session.memory_mode = memory["mode"]
-        log.info("memory mode: %s", memory["mode"])
+        session.device = device
+        log.info("memory mode: %s, blocks on %s", memory["mode"], session.device)
         report_status(mode=memory["mode"], run_dir=str(run_dir), on_oom=cfg.run.on_oom.value)
         for attempt in restarts():
             log.warning("restarted after %s in memory=%s at %s (peak RSS %s MB) -> memory=%s", attempt["cause"],
@@ -108,6 +117,8 @@ def run_job(cfg: DictConfig, recipe: str, overrides: List[str], share_from: Sequ
         plain["_recipe"] = recipe
         report = build_report(plain, run_dir, results, monitor, memory, time.time() - started)
         report["restarts"] = restarts()
+        report["device"] = str(session.device)
+        report["peak_vram_mb"] = _device_peak(results)
         plan = session.layer_plan
         if AUTOSCHEME in runner.stages:
             autoscheme = read_plan(runner.store.final(AUTOSCHEME))

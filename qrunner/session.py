@@ -31,6 +31,8 @@ class ModelSession:
         self._model: Optional[nn.Module] = None
         # the memory mode in force (memory=auto resolved); never part of a fingerprint
         self.memory_mode = "high"
+        # where block forwards run (device= resolved); rows stay on the host
+        self.device = torch.device("cpu")
 
     @property
     def streams_blocks(self) -> bool:

@@ -18,7 +18,7 @@ from qrunner.models.block_io import load_block_inputs, save_block_inputs
 from qrunner.models.registry import get_family
 from qrunner.stages.capture import capture_block_inputs
 from qrunner.stages.data import filled_to_seqlen, text_sample_inputs
-from qrunner.stages.quantize import block_inputs, forward_rows, open_block_rows
+from qrunner.stages.block_rows import block_inputs, forward_rows, open_block_rows
 from tiny_models import GEMMA4_KINDS, VLM_KINDS, make_tiny_gemma4, make_tiny_vlm
 
 SEQ = 40  # longer than the tiny models' sliding window (16): sliding and full masks differ

@@ -232,13 +232,17 @@ class QrunnerConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    # where the block forwards of quantize run: auto (the first GPU when there is one), cpu, cuda or cuda:N; the
+    # rows stay on the host. Not part of any fingerprint (a run started on a GPU resumes on the CPU and the other
+    # way round; the two differ by floating-point rounding only); every block records where it ran
+    device: str = "auto"
     # a recipe's one-line description, shown in the report
     description: str = ""
 
 
 # Keys that never change what a run computes: excluded from the run directory's hash and from every
 # stage fingerprint, so `memory=low` resumes a run started with `memory=high`.
-NON_SEMANTIC_KEYS = ("memory", "run", "description")
+NON_SEMANTIC_KEYS = ("memory", "run", "description", "device")
 
 # Keys that only select how a result is evaluated or where it is written: part of the fingerprints of
 # the stages that read them, but not of the run directory, so changing them reruns just those stages.

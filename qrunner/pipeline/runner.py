@@ -11,6 +11,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 from omegaconf import DictConfig
 
 from qrunner.errors import UserError
+from qrunner.memory.device import HOST, peak_vram_mb, reset_peak
 from qrunner.memory.monitor import MemoryMonitor
 from qrunner.pipeline.dag import topological_order
 from qrunner.pipeline.fingerprint import select_keys, stage_fingerprint
@@ -32,6 +33,7 @@ class StageResult:
     reason: str = ""
     commit_seconds: float = 0.0  # publishing the stage's folder (fsync + rename)
     source: Optional[str] = None  # the run directory a reused result was taken from (None: this run's own)
+    peak_vram_mb: Optional[Dict[str, float]] = None  # the device's peak allocated / reserved (None on the CPU)
 
 
 GB = 1024**3
@@ -170,7 +172,8 @@ class Runner:
     def _reused(self, name: str, fp: str) -> StageResult:
         manifest = self.store.manifest(name) or {}
         return StageResult(name, "reused", fp, manifest.get("seconds", 0.0), manifest.get("peak_rss_mb", 0.0),
-                           manifest.get("metrics", {}), source=self.sources.get(name))
+                           manifest.get("metrics", {}), source=self.sources.get(name),
+                           peak_vram_mb=manifest.get("peak_vram_mb"))
 
     def _check_disk(self, stage: Stage) -> None:
         """Refuse, before writing, a stage whose estimated output does not fit the free disk space."""
@@ -194,18 +197,22 @@ class Runner:
             upstream_manifests={n: self.store.manifest(n) or {} for n in self.needs[stage.name]},
         )
         self.monitor.begin_section(stage.name)
+        device = getattr(self.session, "device", HOST)
+        reset_peak(device)
         started = time.time()
         metrics = dict(stage.run(ctx) or {})
         seconds = round(time.time() - started, 3)
         peak = self.monitor.section_peak_mb()
+        vram = peak_vram_mb(device)
         committing = time.time()
         self.store.commit(stage.name, {
             "stage": stage.name, "version": stage.version, "fingerprint": fp, "needs": list(self.needs[stage.name]),
             "reads": self._reads(stage), "upstream": {n: self.fingerprints[n] for n in self.needs[stage.name]},
             "model": self.model_id,
             "started_at": started, "ended_at": started + seconds, "seconds": seconds, "peak_rss_mb": peak,
-            "metrics": metrics,
+            "peak_vram_mb": vram, "metrics": metrics,
         })
         commit_seconds = round(time.time() - committing, 3)
         self.log.info("stage %-9s done in %.2fs, peak RSS %.0f MB", stage.name, seconds, peak)
-        return StageResult(stage.name, "ran", fp, seconds, peak, metrics, reason, commit_seconds)
+        return StageResult(stage.name, "ran", fp, seconds, peak, metrics, reason, commit_seconds,
+                           peak_vram_mb=vram)

@@ -26,6 +26,7 @@ to it, so nothing divides by zero.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -81,6 +82,12 @@ class QuantizedWeight:
     @property
     def n_groups(self) -> int:
         return int(self.scale.shape[1])
+
+    def to(self, device: torch.device) -> "QuantizedWeight":
+        """The same weight with its tensors on ``device`` (itself when they are there already)."""
+        if self.q.device == device:
+            return self
+        return dataclasses.replace(self, q=self.q.to(device), scale=self.scale.to(device), zero=self.zero.to(device))
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """``scale * (q - zero)`` per group, computed in float32 from the fp16 scale, then cast.

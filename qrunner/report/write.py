@@ -106,19 +106,21 @@ def markdown(report: Dict[str, Any], images: List[Path]) -> str:
         f"- model: `{report['model']}`",
         f"- scheme: {s['name']} (bits {s['bits']}, group {s['group_size']}, {'sym' if s['sym'] else 'asym'}), "
         f"iters {report['quant']['iters']}",
-        f"- memory mode: {report['memory'].get('mode')} (budget {report['memory'].get('budget_gb')} GB)",
+        f"- memory mode: {report['memory'].get('mode')} (budget {report['memory'].get('budget_gb')} GB), "
+        f"blocks on {report.get('device', 'cpu')}",
         *(f"- export ({fmt}): `{path}`" for fmt, path in (report.get("exports") or {"": report["export_dir"]}).items()),
         f"- wall time {report['wall_seconds']:.1f} s, peak RSS {report['peak_rss_mb']:.0f} MB",
         *(f"- restarted after {r['cause']} in memory={r['mode']} at {r['where']} (peak RSS {r['peak_rss_mb']} MB) "
           f"-> memory={r['restart_mode']}" for r in report.get("restarts", [])),
         *([f"- {full_precision_text(report['full_precision_layers'])}"] if _kept_count(report) else []),
         "",
-        "| stage | status | time (s) | peak RSS (MB) |",
-        "|---|---|---:|---:|",
+        "| stage | status | time (s) | peak RSS (MB) |" + (" peak VRAM (MB) |" if _vram(report) else ""),
+        "|---|---|---:|---:|" + ("---:|" if _vram(report) else ""),
     ]
     for st in report["stages"]:
         status = f"reused, taken from `{st['source']}`" if st.get("source") else st["status"]
-        lines.append(f"| {st['name']} | {status} | {st['seconds']:.2f} | {st['peak_rss_mb']:.0f} |")
+        lines.append(f"| {st['name']} | {status} | {st['seconds']:.2f} | {st['peak_rss_mb']:.0f} |"
+                     + (f" {_vram_cell(st)} |" if _vram(report) else ""))
     q = report["quality"]
     if any(k.startswith("ppl") for k in q):
         lines += ["", "| perplexity | value |", "|---|---:|"]
@@ -180,16 +182,28 @@ def write_report(report: Dict[str, Any], run_dir: Path) -> Path:
     return md
 
 
+def _vram(report: Dict[str, Any]) -> bool:
+    """Whether a stage of the run used a GPU (its peak memory there is then shown)."""
+    return any(st.get("peak_vram_mb") for st in report["stages"])
+
+
+def _vram_cell(stage: Dict[str, Any]) -> str:
+    v = stage.get("peak_vram_mb")
+    return f"{v['allocated_mb']:.0f} ({v['reserved_mb']:.0f} reserved)" if v else ""
+
+
 def print_summary(report: Dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"qrunner: {report['recipe']} -> {report['export_dir']}")
-    for col in ("stage", "status", "time (s)", "peak RSS (MB)"):
+    vram = _vram(report)
+    for col in ("stage", "status", "time (s)", "peak RSS (MB)", *(["peak VRAM (MB)"] if vram else [])):
         table.add_column(col, justify="right" if "(" in col else "left")
     for st in report["stages"]:
         status = f"taken from {Path(st['source']).name}" if st.get("source") else st["status"]
-        table.add_row(st["name"], status, f"{st['seconds']:.2f}", f"{st['peak_rss_mb']:.0f}")
+        table.add_row(st["name"], status, f"{st['seconds']:.2f}", f"{st['peak_rss_mb']:.0f}",
+                      *([_vram_cell(st)] if vram else []))
     console = Console(stderr=False)
     console.print(table)
     q = report["quality"]

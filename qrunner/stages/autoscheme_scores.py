@@ -36,7 +36,7 @@ from qrunner.quant.rtn import quantize_rtn
 from qrunner.quant.scheme import parse_scheme_name
 from qrunner.stages.capture import capture_block_inputs
 from qrunner.stages.layer_plan import PLAN_KEYS, scheme_is_auto
-from qrunner.stages.quantize import BATCH, ChainRows, block_inputs, forward_rows, open_block_rows, publish_rows
+from qrunner.stages.block_rows import BATCH, ChainRows, block_inputs, forward_rows, open_block_rows, publish_rows
 
 SCORES = "scores.json"
 GRAD = "grad"  # in a unit: the gradient of the loss with respect to the input of the block (or head) it holds

@@ -23,7 +23,8 @@ from qrunner.report.images import side_by_side
 from qrunner.stages.diffusion_capture import SAMPLING_KEYS, denoise
 from qrunner.stages.diffusion_data import SAMPLING_KEYS as PROMPT_KEYS
 from qrunner.stages.diffusion_data import encode, read_calibration_prompts
-from qrunner.stages.quantize import fake_quantized, quantized_layers
+from qrunner.stages.block_rows import fake_quantized
+from qrunner.stages.quantize import quantized_layers
 
 IMAGES = "images.png"
 LATENTS = "latents.safetensors"

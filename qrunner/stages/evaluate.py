@@ -11,11 +11,12 @@ from tqdm import tqdm
 from qrunner.data_sources import text_windows
 from qrunner.errors import UserError
 from qrunner.memory.activations import batches
+from qrunner.memory.device import placed
 from qrunner.models.adapter import get_module
 from qrunner.pipeline.stage import Stage, StageContext, register_stage
 from qrunner.stages.capture import capture_block_inputs
-from qrunner.stages.quantize import (ChainRows, QuantizedLayers, block_inputs, fake_quantized, forward_rows,
-                                     open_block_rows, quantized_layers)
+from qrunner.stages.block_rows import ChainRows, block_inputs, fake_quantized, forward_rows, open_block_rows
+from qrunner.stages.quantize import QuantizedLayers, quantized_layers
 
 
 def perplexity(model: torch.nn.Module, windows: torch.Tensor, batch_size: int, desc: str, show: bool) -> float:
@@ -99,8 +100,9 @@ def fake_quantized_model(session: Any, layers: QuantizedLayers) -> Iterator[torc
 def streamed_chains(ctx: StageContext, windows: torch.Tensor, layers: QuantizedLayers, chains: Sequence[str],
                     desc: str = "eval") -> Iterator[Dict[str, Any]]:
     """The last block's output rows of `windows` (same-length token rows), with one block in RAM at a time
-    (memory=medium/low): the hidden states run through the blocks streamed from the shards, each chain
-    ("original", "quantized") side by side. Yields chain -> rows; the rows are removed on exit."""
+    (memory=medium/low): the hidden states run through the blocks streamed from the shards (each on the run's
+    device), each chain ("original", "quantized") side by side. Yields chain -> rows; the rows are removed on
+    exit."""
     session, show = ctx.session, ctx.cfg.run.show_progress
     adapter = session.adapter
     rows_store = ChainRows(ctx.out / "scratch", session.activations_on_disk)
@@ -114,7 +116,7 @@ def streamed_chains(ctx: StageContext, windows: torch.Tensor, layers: QuantizedL
         shared, reads = block_inputs(session, per_block, index)
         writes = adapter.side_io(session.hf_config, index)[1]
         wrap = rows_store.reader()
-        with session.block(index) as (name, block):
+        with session.block(index) as (name, block), placed(block, session.device):
             y = {}
             for chain, rows in x.items():
                 y[chain] = rows_store.new(f"{chain}_{index}", rows)

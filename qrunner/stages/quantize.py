@@ -13,7 +13,6 @@ import json
 import time
 from collections import Counter
 from collections.abc import Mapping
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
@@ -22,12 +21,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from qrunner.memory.activations import ActivationFile, BlockRows, Rows, TensorRows, TokenSlice, batches, to_ram
+from qrunner.memory.activations import ActivationFile, BlockRows, Rows, TokenSlice, batches
+from qrunner.memory.device import HOST, on_device, peak_vram_mb, placed, release_device, reset_peak, to_device
 from qrunner.memory.monitor import current_rss_mb
 from qrunner.memory.trim import release_freed_memory
 from qrunner.pipeline.atomic import remove_tree
 from qrunner.models.adapter import HIDDEN, LayerPlan, get_module
-from qrunner.models.block_io import SampleRows, load_block_inputs, split_inputs
+from qrunner.models.block_io import load_block_inputs
 from qrunner.pipeline.faults import fault_point
 from qrunner.pipeline.stage import Stage, StageContext, register_stage
 from qrunner.pipeline.status import report_status
@@ -35,6 +35,8 @@ from qrunner.quant.autoround import TuneSettings, tune_block
 from qrunner.quant.opt_rtn import ImportanceCollector, quantize_weighted_rtn
 from qrunner.quant.rtn import QuantizedWeight, quantize_rtn
 from qrunner.quant.scheme import QuantScheme
+from qrunner.stages.block_rows import (BATCH, ChainRows, block_inputs, fake_quantized, forward_rows, module_device,
+                                      mse_rows, open_block_rows, publish_rows)
 from qrunner.stages.capture import open_side_rows
 from qrunner.stages.layer_plan import AUTOSCHEME, PLAN_KEYS, planned_layers
 
@@ -44,7 +46,6 @@ QCHAIN, FPCHAIN = "quantized_chain", "original_chain"
 SCRATCH = "scratch"  # activations of the block in progress (memory=low), inside the stage's partial folder
 # side values a block hands to later blocks (shared keys/values), committed with it per chain, kept to the end
 SIDE_Q, SIDE_FP = "side_quantized", "side_original"
-BATCH = 8
 
 
 def unit_key(index: int) -> str:
@@ -127,101 +128,32 @@ def quantized_layers(quantize_stage_dir: Path) -> QuantizedLayers:
     return QuantizedLayers(quantize_stage_dir)
 
 
-def forward_rows(adapter: Any, block: torch.nn.Module, src: BlockRows, shared: Dict[str, Any], dst: Rows,
-                 writes: Optional[Dict[str, str]] = None, new_rows: Optional[Callable[..., Rows]] = None
-                 ) -> Dict[str, Rows]:
-    """dst[i] = block(src[i]) for every row, BATCH rows at a time. The side values the block hands to later blocks
-    (`writes`: local name -> rows name) go to rows made by `new_rows(rows name, n, row_shape, dtype)`."""
-    writes = writes or {}
-    side: Dict[str, Rows] = {}
-    with torch.no_grad():
-        for r in batches(len(src), BATCH):
-            out, values = adapter.run_block(block, src.read(r), shared, tuple(writes))
-            dst.write(r.start, out)
-            for local, name in writes.items():
-                value = values[local]
-                if name not in side:
-                    side[name] = new_rows(name, len(src), tuple(value.shape[1:]), value.dtype)
-                side[name].write(r.start, value)
-    return side
+@dataclasses.dataclass
+class BlockWork:
+    """What one block's quantization reads: its inputs on both chains, where its rows go, its layers and settings."""
+    src_fp: BlockRows
+    src_q: BlockRows
+    x_fp: Rows
+    x_q: Rows
+    shared: Dict[str, Any]
+    writes: Dict[str, str]
+    chains: ChainRows
+    plans: List[LayerPlan]
+    settings: TuneSettings
+    bar: Any
 
 
-def mse_rows(a: Rows, b: Rows, part: slice = slice(None)) -> float:
-    """Mean squared difference over all elements of two equally shaped row sets (of the tokens `part` only)."""
-    total, count = 0.0, 0
-    for r in batches(len(a), BATCH):
-        x, y = a.read(r)[:, part].float(), b.read(r)[:, part].float()
-        total += float(((x - y) ** 2).sum(dtype=torch.float64))
-        count += x.numel()
-    return total / max(count, 1)
-
-
-@contextmanager
-def fake_quantized(block: torch.nn.Module, block_name: str, weights: Mapping[str, QuantizedWeight]):
-    """The block with its quantized layers holding their dequantized weights; the originals come back after."""
-    saved = []
-    try:
-        for name, qw in weights.items():
-            layer = get_module(block, name[len(block_name) + 1:])
-            saved.append((layer, layer.weight.data))
-            layer.weight.data = qw.dequantize(layer.weight.dtype)
-        yield block
-    finally:
-        for layer, original in saved:
-            layer.weight.data = original
-
-
-class ChainRows:
-    """Where one block's activations live: RAM (high/medium) or row files in a scratch folder (low)."""
-
-    def __init__(self, scratch: Path, on_disk: bool) -> None:
-        self.scratch, self.on_disk = scratch, on_disk
-        remove_tree(scratch)
-        scratch.mkdir(parents=True)
-
-    def new(self, name: str, like: Rows) -> Rows:
-        return self.new_shaped(name, len(like), like.row_shape, like.dtype)
-
-    def new_shaped(self, name: str, n: int, row_shape: Tuple[int, ...], dtype: torch.dtype) -> Rows:
-        if self.on_disk:
-            return ActivationFile.create(self.scratch / name, n, row_shape, dtype)
-        return TensorRows.empty(n, row_shape, dtype)
-
-    def open(self, path: Path) -> Rows:
-        return self.wrap(ActivationFile.open(path))
-
-    def wrap(self, rows: Rows) -> Rows:
-        """Rows as this mode reads them: from their file (low) or from RAM (read whole if on disk)."""
-        return rows if self.on_disk else to_ram(rows)
-
-    def reader(self) -> Callable[[Rows], Rows]:
-        """`wrap` for one block's use, once per rows object: rows both chains read (the captured inputs) come
-        into RAM once (medium), not once per chain."""
-        seen: Dict[int, Tuple[Rows, Rows]] = {}
-
-        def wrap(rows: Rows) -> Rows:
-            if id(rows) not in seen:
-                seen[id(rows)] = (rows, self.wrap(rows))  # the source is kept so that its id stays its own
-            return seen[id(rows)][1]
-
-        return wrap
-
-    def drop(self, rows: Rows) -> None:
-        if isinstance(rows, ActivationFile):
-            rows.unlink()
-
-    def close(self) -> None:
-        remove_tree(self.scratch)
-
-
-def publish_rows(rows: Rows, path: Path, *, keep_original: bool = False) -> None:
-    """Put `rows` at `path` as a row file: written from RAM, or moved (linked if still needed) from scratch."""
-    if isinstance(rows, TensorRows):
-        rows.save(path)
-    elif keep_original:
-        rows.link_to(path)
-    else:
-        rows.move_to(path)
+@dataclasses.dataclass
+class BlockDone:
+    """One block quantized: its weights (on the host), the tuning record, losses, and both chains' outputs."""
+    weights: Dict[str, QuantizedWeight]
+    tuning: Dict[str, Any]
+    loss: float
+    loss_rtn: float
+    target: Rows
+    target_side: Dict[str, Rows]
+    out_q: Rows
+    out_side: Dict[str, Rows]
 
 
 @register_stage
@@ -282,38 +214,17 @@ class QuantizeStage(Stage):
         for index in bar:
             started = time.time()
             report_status(block=index, blocks=len(names))
-            torch.manual_seed(block_seed(cfg.quant.seed, index))
-            generator = torch.Generator().manual_seed(block_seed(cfg.quant.seed, index))
             shared, reads = block_inputs(session, per_block, index)
             writes = session.adapter.side_io(session.hf_config, index)[1]
             wrap = chains.reader()
             src_fp = open_block_rows(x_fp, reads, lambda g: wrap(side_fp[g]))
             src_q = open_block_rows(x_q, reads, lambda g: wrap(side_q[g]))
             with session.block(index) as (name, block):
-                target = chains.new("target", x_fp)
-                target_side = forward_rows(session.adapter, block, src_fp, shared, target, writes,
-                                           lambda n, *a: chains.new_shaped(f"target_{n}", *a))
-                release_freed_memory()  # each step's temporaries go back before the next, larger one
-                weights, tuning = self._quantize_block(ctx, block, name, plan_by_block[name], src_q, target, shared,
-                                                       settings, generator, bar)
-                release_freed_memory()
-                out_q = chains.new("output", x_q)
-                with fake_quantized(block, name, weights):
-                    out_side = forward_rows(session.adapter, block, src_q, shared, out_q, writes,
-                                            lambda n, *a: chains.new_shaped(f"output_{n}", *a))
-                parts = session.adapter.output_parts(block, shared)
-                loss = mse_rows(out_q, target)
-                tuning["loss_parts"] = {k: mse_rows(out_q, target, sl) for k, sl in parts.items()}
-                rtn_weights = tuning.pop("rtn_weights")
-                loss_rtn, tuning["loss_rtn_parts"] = loss, dict(tuning["loss_parts"])
-                if rtn_weights is not None:
-                    out_rtn = chains.new("output_rtn", x_q)
-                    with fake_quantized(block, name, rtn_weights):
-                        forward_rows(session.adapter, block, src_q, shared, out_rtn)
-                    loss_rtn = mse_rows(out_rtn, target)
-                    tuning["loss_rtn_parts"] = {k: mse_rows(out_rtn, target, sl) for k, sl in parts.items()}
-                    chains.drop(out_rtn)
-                    del out_rtn, rtn_weights
+                done = self._on_device_or_host(ctx, index, name, block, BlockWork(
+                    src_fp, src_q, x_fp, x_q, shared, writes, chains, plan_by_block[name], settings, bar))
+            weights, tuning, loss, loss_rtn = done.weights, done.tuning, done.loss, done.loss_rtn
+            target, target_side, out_q, out_side = done.target, done.target_side, done.out_q, done.out_side
+            del done
             next_q, next_q_side = (out_q, out_side) if cfg.quant.quantized_inputs else (target, target_side)
 
             def write(tmp: Path) -> Dict[str, Any]:
@@ -363,6 +274,67 @@ class QuantizeStage(Stage):
                 "layers_quantized": sum(len(p) for p in plan_by_block.values()),
                 "checkpoint_seconds": round(ctx.units.commit_seconds, 3)}
 
+    def _on_device_or_host(self, ctx: StageContext, index: int, name: str, block: torch.nn.Module,
+                           work: "BlockWork") -> "BlockDone":
+        """Block `index` on the run's device; when it does not fit there even with a micro-batch of one sample
+        (the tuner halves it first), on the host, with a warning. Where it ran and the device's peak memory go
+        into the block's unit.json."""
+        fallbacks: List[Dict[str, str]] = []
+        for device in dict.fromkeys([ctx.session.device, HOST]):
+            try:
+                reset_peak(device)
+                with placed(block, device):
+                    done = self._block(ctx, index, name, block, work)
+                done.tuning["device"] = str(device)
+                vram = peak_vram_mb(device)
+                if vram:
+                    done.tuning["vram"] = vram
+                if fallbacks:
+                    done.tuning["device_fallbacks"] = fallbacks
+                return done
+            except torch.OutOfMemoryError as err:
+                if device == HOST:
+                    raise
+                release_device(device)
+                release_freed_memory()
+                ctx.log.warning("quantize: %s does not fit %s even with a micro-batch of one sample (%s); this block "
+                                "runs on the CPU, many times slower (a smaller quant.batch_size or data.seqlen, or a "
+                                "larger GPU, keeps it there)", name, device, str(err).splitlines()[0])
+                fallbacks.append({"device": str(device), "error": str(err).splitlines()[0]})
+        raise AssertionError("unreachable")
+
+    def _block(self, ctx: StageContext, index: int, name: str, block: torch.nn.Module, work: "BlockWork"
+               ) -> "BlockDone":
+        """Quantize one block (on whatever device it is): its targets, the tuning, its quantized outputs, losses."""
+        session, cfg, chains = ctx.session, ctx.cfg, work.chains
+        torch.manual_seed(block_seed(cfg.quant.seed, index))
+        generator = torch.Generator().manual_seed(block_seed(cfg.quant.seed, index))
+        shared = to_device(work.shared, module_device(block))
+        target = chains.new("target", work.x_fp)
+        target_side = forward_rows(session.adapter, block, work.src_fp, shared, target, work.writes,
+                                   lambda n, *a: chains.new_shaped(f"target_{n}", *a))
+        release_freed_memory()  # each step's temporaries go back before the next, larger one
+        weights, tuning = self._quantize_block(ctx, block, name, work.plans, work.src_q, target, shared,
+                                               work.settings, generator, work.bar)
+        release_freed_memory()
+        out_q = chains.new("output", work.x_q)
+        with fake_quantized(block, name, weights):
+            out_side = forward_rows(session.adapter, block, work.src_q, shared, out_q, work.writes,
+                                    lambda n, *a: chains.new_shaped(f"output_{n}", *a))
+        parts = session.adapter.output_parts(block, shared)
+        loss = mse_rows(out_q, target)
+        tuning["loss_parts"] = {k: mse_rows(out_q, target, sl) for k, sl in parts.items()}
+        rtn_weights = tuning.pop("rtn_weights")
+        loss_rtn, tuning["loss_rtn_parts"] = loss, dict(tuning["loss_parts"])
+        if rtn_weights is not None:
+            out_rtn = chains.new("output_rtn", work.x_q)
+            with fake_quantized(block, name, rtn_weights):
+                forward_rows(session.adapter, block, work.src_q, shared, out_rtn)
+            loss_rtn = mse_rows(out_rtn, target)
+            tuning["loss_rtn_parts"] = {k: mse_rows(out_rtn, target, sl) for k, sl in parts.items()}
+            chains.drop(out_rtn)
+        return BlockDone(weights, tuning, loss, loss_rtn, target, target_side, out_q, out_side)
+
     def _chains(self, ctx: StageContext, chains: ChainRows, start: int) -> Tuple[Rows, Rows]:
         """Inputs of block `start`: the captured hidden states, or the chains committed with the block before."""
         if start == 0:
@@ -376,12 +348,14 @@ class QuantizeStage(Stage):
                         generator: torch.Generator, bar: Any) -> Tuple[Dict[str, QuantizedWeight], Dict[str, Any]]:
         cfg, adapter = ctx.cfg, ctx.session.adapter
         rel = {p.name: p.name[len(block_name) + 1:] for p in plans}
+        device = module_device(block)
+        x_q = on_device(x_q, device)  # rows travel to the block's device a mini-batch at a time
 
         def rtn_weights() -> Dict[str, QuantizedWeight]:
             """Plain RTN codes (the weights do not change while tuning, so these are the same before and after);
             made after tuning so that they are not held through it."""
-            codes = {p.name: quantize_rtn(get_module(block, rel[p.name]).weight.detach().float(), layer_scheme(p))
-                     for p in plans}
+            codes = {p.name: quantize_rtn(get_module(block, rel[p.name]).weight.detach().float(),
+                                          layer_scheme(p)).to(HOST) for p in plans}
             release_freed_memory()
             return codes
 
@@ -410,7 +384,7 @@ class QuantizeStage(Stage):
                                     smaller.grad_accum)
                     retries.append({"micro_batch": settings.batch_size, "retry_micro_batch": smaller.batch_size})
                     settings = smaller
-            weights = {f"{block_name}.{k}": v for k, v in result.weights.items()}
+            weights = {f"{block_name}.{k}": v.to(HOST) for k, v in result.weights.items()}
             return weights, {"rtn_weights": rtn_weights(), "best_iter": result.best_iter,
                              "first_loss": result.first_loss, "best_loss": result.best_loss,
                              "tune_seconds": round(result.seconds, 3), "oom_retries": retries}
@@ -419,19 +393,11 @@ class QuantizeStage(Stage):
             with ImportanceCollector(modules) as collector, torch.no_grad():
                 for r in batches(len(x_q), BATCH):
                     adapter.run_block(block, x_q.read(r), shared)
-            weights = {n: quantize_weighted_rtn(m.weight.detach().float(), layer_scheme(p), collector.importance[n])
+            weights = {n: quantize_weighted_rtn(m.weight.detach().float(), layer_scheme(p),
+                                                collector.importance[n]).to(HOST)
                        for (n, m), p in zip(modules.items(), plans)}
             return weights, {"rtn_weights": rtn_weights()}
         return rtn_weights(), {"rtn_weights": None}
-
-
-def block_inputs(session: Any, per_block: List[Dict[str, Any]], index: int
-                 ) -> Tuple[Dict[str, Any], Dict[str, SampleRows]]:
-    """Block `index`'s shared inputs and its per-sample inputs (local name -> rows): those captured for it and
-    the side values earlier blocks hand to it."""
-    shared, reads = split_inputs(per_block[index])
-    reads.update({k: SampleRows(g) for k, g in session.adapter.side_io(session.hf_config, index)[0].items()})
-    return shared, reads
 
 
 def tuning_pair(adapter: Any, block: torch.nn.Module, shared: Dict[str, Any], cfg: Any, target: Any
@@ -443,11 +409,6 @@ def tuning_pair(adapter: Any, block: torch.nn.Module, shared: Dict[str, Any], cf
     if part is None:
         return forward, target
     return (lambda b, x: forward(b, x)[:, part]), TokenSlice(target, part)
-
-
-def open_block_rows(hidden: Rows, reads: Dict[str, SampleRows], rows_named: Callable[[str], Any]) -> BlockRows:
-    """A block's per-sample inputs: `hidden` plus the rows `reads` names, found by `rows_named(file name)`."""
-    return BlockRows(hidden, {k: spec.open(rows_named) for k, spec in reads.items()})
 
 
 def _chain_files() -> List[str]:
