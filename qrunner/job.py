@@ -48,6 +48,26 @@ def _waiting_for_run(run_dir: Path) -> Any:
     return say
 
 
+def check_device_fits(cfg: DictConfig, session: Any, device: Any, memory: Dict[str, Any], log: logging.Logger
+                      ) -> None:
+    """On a GPU: the device's predicted peak goes into the memory record; under memory=auto a run whose block
+    does not fit the device even with a micro-batch of one sample is refused with the figures."""
+    from qrunner.memory.device import device_total_mb
+    from qrunner.memory.predict import predict_device_peak_mb
+
+    total = device_total_mb(device)
+    if total is None:
+        return
+    predicted, smallest = predict_device_peak_mb(cfg, session), predict_device_peak_mb(cfg, session, 1)
+    memory["predicted_device_peak_mb"], memory["device_total_mb"] = round(predicted), round(total)
+    log.info("%s: predicted peak %.0f MB of %.0f MB (micro-batch 1: %.0f MB)", device, predicted, total, smallest)
+    if cfg.memory.mode.value == "auto" and smallest > total:
+        raise UserError(f"memory=auto: a block of this model needs about {smallest:.0f} MB on {device} even with a "
+                        f"micro-batch of one sample (quant.batch_size={cfg.quant.batch_size}: {predicted:.0f} MB), "
+                        f"and the device has {total:.0f} MB; use device=cpu, a GPU with more memory, or lower "
+                        "data.seqlen")
+
+
 def _device_peak(results: List[Any]) -> Any:
     """The largest of the stages' peak device memory (None when no stage used a GPU)."""
     peaks = [r.peak_vram_mb for r in results if r.peak_vram_mb]
@@ -61,7 +81,7 @@ def run_job(cfg: DictConfig, recipe: str, overrides: List[str], share_from: Sequ
     same missing stage compute it once (`StageLock`)."""
     import torch
 
-    from qrunner.memory.device import resolve_device
+    from qrunner.memory.device import resolve_device, vram_probe
     from qrunner.memory.monitor import MemoryMonitor, process_peak_mb
     from qrunner.memory.trim import freeze_long_lived_objects
     from qrunner.models.adapter import full_precision_layers, kernel_warning
@@ -98,6 +118,8 @@ def run_job(cfg: DictConfig, recipe: str, overrides: List[str], share_from: Sequ
         memory = choose_memory(cfg, session, log)
         session.memory_mode = memory["mode"]
         session.device = device
+        monitor.vram_probe = vram_probe(device)
+        check_device_fits(cfg, session, device, memory, log)
         log.info("memory mode: %s, blocks on %s", memory["mode"], session.device)
         report_status(mode=memory["mode"], run_dir=str(run_dir), on_oom=cfg.run.on_oom.value)
         for attempt in restarts():

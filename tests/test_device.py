@@ -76,6 +76,7 @@ def test_a_block_that_does_not_fit_the_gpu_runs_on_the_cpu_and_gives_the_same_ch
     halving, which has its own test); each block is redone on the host, and the checkpoint is the CPU run's."""
     import qrunner.memory.device as device_module
     import qrunner.pipeline.runner as runner_module
+    import qrunner.stages.evaluate as evaluate_module
     import qrunner.stages.quantize as quantize_module
 
     baseline = run_inprocess(tiny_overrides(tiny_llama, tmp_path / "cpu", "device=cpu", "quant.iters=2"))
@@ -91,13 +92,19 @@ def test_a_block_that_does_not_fit_the_gpu_runs_on_the_cpu_and_gives_the_same_ch
 
     monkeypatch.setattr(device_module, "resolve_device", lambda spec: gpu if spec == "cuda" else torch.device("cpu"))
     monkeypatch.setattr(quantize_module, "placed", full_gpu)
-    for module in (quantize_module, runner_module):  # no CUDA runtime to ask for its peak here
-        monkeypatch.setattr(module, "reset_peak", lambda device: None)
-        monkeypatch.setattr(module, "peak_vram_mb", lambda device: None)
+    monkeypatch.setattr(evaluate_module, "placed", full_gpu)  # the model does not fit either: evaluated on the CPU
+    monkeypatch.setattr(device_module, "device_total_mb", lambda device: 80_000.0)
+    monkeypatch.setattr(device_module, "vram_probe", lambda device: None)
+    for module, names in ((quantize_module, ("begin_block_peak", "block_peak_vram_mb")),
+                          (runner_module, ("begin_peak", "peak_vram_mb"))):  # no CUDA runtime to ask here
+        for name in names:
+            monkeypatch.setattr(module, name, lambda device: None)
     monkeypatch.setattr(quantize_module, "release_device", lambda device: None)
     report = run_inprocess(tiny_overrides(tiny_llama, tmp_path / "gpu", "device=cuda", "quant.iters=2"))
     blocks = units(report)
-    assert report["device"] == "cuda:0" and len(entered) == len(blocks) >= 2
+    assert report["device"] == "cuda:0" and len(entered) == len(blocks) + 2 >= 4  # each block, both evaluations
+    assert report["memory"]["device_total_mb"] == 80_000 and 0 < report["memory"]["predicted_device_peak_mb"]
+    assert report["quality"] == baseline["quality"]
     for u in blocks:
         assert u["device"] == "cpu"
         assert u["device_fallbacks"] == [{"device": "cuda:0",
@@ -112,6 +119,8 @@ def test_tuning_on_the_gpu_matches_the_cpu_export_in_perplexity(tiny_llama, tmp_
     on_gpu = run_inprocess(tiny_overrides(tiny_llama, tmp_path / "gpu", "device=cuda", f"memory={memory}"))
     assert on_gpu["device"] == "cuda:0" and on_gpu["peak_vram_mb"]["allocated_mb"] > 0
     assert all(u["device"] == "cuda:0" and u["vram"]["allocated_mb"] > 0 for u in units(on_gpu))
+    quantize = next(s for s in on_gpu["stages"] if s["name"] == "quantize")  # the stage's peak is its blocks' max
+    assert quantize["peak_vram_mb"]["allocated_mb"] >= max(u["vram"]["allocated_mb"] for u in units(on_gpu))
     ppl_cpu, ppl_gpu = on_cpu["quality"]["ppl_quantized"], on_gpu["quality"]["ppl_quantized"]
     assert abs(ppl_gpu / ppl_cpu - 1) < 0.005
     assert on_gpu["peak_rss_mb"] <= on_cpu["peak_rss_mb"] * 1.10  # nothing of the device mirrored on the host
@@ -126,3 +135,40 @@ def test_a_real_cuda_out_of_memory_falls_back_to_the_cpu(tiny_llama, tmp_path):
         torch.cuda.set_per_process_memory_fraction(1.0, 0)
     assert all(u["device"] == "cpu" and u["device_fallbacks"] for u in units(report))
     assert report["quality"]["ppl_quantized"] > 1
+
+
+def test_the_device_peak_is_predicted_and_a_block_too_large_for_the_gpu_is_refused(tiny_llama, tmp_path,
+                                                                                   monkeypatch):
+    import qrunner.memory.device as device_module
+    from conftest import compose
+    from qrunner.memory.predict import predict_device_peak_mb, predict_peaks_mb
+    from qrunner.models.registry import get_family
+    from qrunner.session import ModelSession
+
+    cfg, _ = compose(tiny_overrides(tiny_llama, tmp_path))
+    session = ModelSession(cfg, get_family("llm"), None)
+    one, eight, host = predict_device_peak_mb(cfg, session, 1), predict_device_peak_mb(cfg, session, 8), \
+        predict_peaks_mb(cfg, session)
+    assert 0 < one < eight < host["low"]  # rows stay on the host; the micro-batch is what grows
+    monkeypatch.setattr(device_module, "resolve_device", lambda spec: torch.device("cuda", 0))
+    monkeypatch.setattr(device_module, "device_total_mb", lambda device: one / 2)
+    with pytest.raises(UserError, match=r"needs about \d+ MB on cuda:0 even with a micro-batch of one sample .* "
+                                        r"the device has \d+ MB; use device=cpu"):
+        run_inprocess(tiny_overrides(tiny_llama, tmp_path, "device=cuda", "memory=auto"))
+
+
+def test_device_memory_is_sampled_on_the_rss_clock_and_drawn_with_it(tmp_path):
+    from qrunner.memory.monitor import MemoryMonitor
+    from qrunner.report.write import plot_memory
+
+    monitor = MemoryMonitor(vram_probe=lambda: 1234.5)
+    monitor.begin_section("quantize")
+    monitor.sample()
+    timeline = monitor.timeline()
+    assert [v[1] for v in timeline["vram"]] == [1234.5, 1234.5]
+    assert [v[0] for v in timeline["vram"]] == [s[0] for s in timeline["samples"]]
+    report = {"memory_timeline": timeline, "peak_rss_mb": 100.0}
+    plain = plot_memory({"memory_timeline": {**timeline, "vram": []}, "peak_rss_mb": 100.0}, tmp_path / "cpu.png")
+    with_vram = plot_memory(report, tmp_path / "gpu.png")
+    assert with_vram.read_bytes() != plain.read_bytes()
+    assert "vram" not in MemoryMonitor().timeline()

@@ -8,7 +8,7 @@ on the device, and host RSS in each memory mode does not grow with a GPU.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Callable, Dict, Iterator, Optional
 
 import torch
 
@@ -95,14 +95,53 @@ def release_device(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def reset_peak(device: torch.device) -> None:
+def device_total_mb(device: torch.device) -> Optional[float]:
+    """The device's memory in MiB (None on the CPU)."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.get_device_properties(device).total_memory / 2**20
+
+
+def vram_probe(device: torch.device) -> Optional[Callable[[], float]]:
+    """A function giving the device memory allocated now, in MiB (None on the CPU)."""
+    if device.type != "cuda":
+        return None
+    return lambda: torch.cuda.memory_allocated(device) / 2**20
+
+
+_folded: Dict[str, Dict[str, float]] = {}  # device -> the highest peak before the last per-block reset
+
+
+def _since_reset(device: torch.device) -> Dict[str, float]:
+    return {"allocated_mb": round(torch.cuda.max_memory_allocated(device) / 2**20, 1),
+            "reserved_mb": round(torch.cuda.max_memory_reserved(device) / 2**20, 1)}
+
+
+def _higher(a: Optional[Dict[str, float]], b: Dict[str, float]) -> Dict[str, float]:
+    return b if a is None or b["allocated_mb"] > a["allocated_mb"] else a
+
+
+def begin_peak(device: torch.device) -> None:
+    """Start measuring a stage's peak device memory (`peak_vram_mb`)."""
     if device.type == "cuda":
+        _folded.pop(str(device), None)
         torch.cuda.reset_peak_memory_stats(device)
 
 
+def begin_block_peak(device: torch.device) -> None:
+    """Start measuring one block's peak (`block_peak_vram_mb`); the stage's peak keeps what came before."""
+    if device.type == "cuda":
+        _folded[str(device)] = _higher(_folded.get(str(device)), _since_reset(device))
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def block_peak_vram_mb(device: torch.device) -> Optional[Dict[str, float]]:
+    """The device's peak allocated and reserved memory since `begin_block_peak` (None on the CPU)."""
+    return _since_reset(device) if device.type == "cuda" else None
+
+
 def peak_vram_mb(device: torch.device) -> Optional[Dict[str, float]]:
-    """The device's peak allocated and reserved memory since the last `reset_peak` (None on the CPU)."""
+    """The device's peak allocated and reserved memory since `begin_peak` (None on the CPU)."""
     if device.type != "cuda":
         return None
-    return {"allocated_mb": round(torch.cuda.max_memory_allocated(device) / 2**20, 1),
-            "reserved_mb": round(torch.cuda.max_memory_reserved(device) / 2**20, 1)}
+    return _higher(_folded.get(str(device)), _since_reset(device))

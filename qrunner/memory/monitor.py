@@ -7,7 +7,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 MB = 1024 * 1024
 
@@ -46,6 +46,9 @@ class MemoryMonitor:
     interval_s: float = 0.05
     samples: List[Tuple[float, float, float]] = field(default_factory=list)  # (t, rss MB, anon MB)
     marks: List[Tuple[float, str]] = field(default_factory=list)
+    # with a GPU: the device memory allocated now (MB), sampled on the same clock as the RSS
+    vram_probe: Optional[Callable[[], float]] = None
+    vram_samples: List[Tuple[float, float]] = field(default_factory=list)
     _t0: float = field(default_factory=time.time)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: Optional[threading.Thread] = None
@@ -68,8 +71,10 @@ class MemoryMonitor:
             self._stop.wait(self.interval_s)
 
     def sample(self) -> float:
-        rss = current_rss_mb()
-        self.samples.append((time.time() - self._t0, rss, current_anon_mb()))
+        rss, now = current_rss_mb(), time.time() - self._t0
+        self.samples.append((now, rss, current_anon_mb()))
+        if self.vram_probe is not None:
+            self.vram_samples.append((now, self.vram_probe()))
         self._section_peak = max(self._section_peak, rss)
         return rss
 
@@ -89,5 +94,8 @@ class MemoryMonitor:
         return round(peak, 1)
 
     def timeline(self) -> Dict[str, object]:
-        return {"samples": [[round(t, 3), round(r, 1), round(a, 1)] for t, r, a in self.samples],
-                "marks": [[round(t, 3), n] for t, n in self.marks]}
+        timeline = {"samples": [[round(t, 3), round(r, 1), round(a, 1)] for t, r, a in self.samples],
+                    "marks": [[round(t, 3), n] for t, n in self.marks]}
+        if self.vram_samples:
+            timeline["vram"] = [[round(t, 3), round(v, 1)] for t, v in self.vram_samples]
+        return timeline

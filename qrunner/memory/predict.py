@@ -35,24 +35,46 @@ def _numel(model: torch.nn.Module, names) -> int:
     return sum(params[n].numel() for n in names if n in params)
 
 
+def _block_tuning_bytes(cfg: Any, session: Any, batch_size: int) -> Dict[str, int]:
+    """What tuning one block holds wherever it runs: the block's weights (`weights`), the tuning state
+    (`tuning`: per weight the fp32 rounding offset, the best iteration's and the RTN codes, one layer's
+    fake-quantization recomputed in float32) and one micro-batch's forward/backward activations (`backward`)."""
+    c = 4 if cfg.model.compute_dtype == "float32" else 2
+    _, tokens, hidden, inter = session.calibration_shape()
+    blocks = session.blocks(session.skeleton)
+    block_params = max(sum(p.numel() for p in b.parameters()) for _, b in blocks)
+    largest_layer = max((p.numel() for _, b in blocks for p in b.parameters() if p.dim() >= 2), default=0)
+    tuned = int(cfg.quant.iters) > 0
+    mb_tokens = batch_size * tokens
+    return {"weights": block_params * c,
+            "tuning": block_params * 2 + (block_params * 4 + largest_layer * 24 if tuned else 0),
+            "backward": mb_tokens * ((10 * hidden + 4 * inter) if tuned else (2 * hidden + inter)) * 4}
+
+
+def predict_device_peak_mb(cfg: Any, session: Any, batch_size: int = 0) -> float:
+    """The device's peak while quantize runs a block there (device=cuda): the block, its tuning state and one
+    micro-batch (`batch_size`, default quant.batch_size), plus a mini-batch of rows in flight; the rows
+    themselves stay on the host. The CUDA context (a few hundred MB) is not counted."""
+    parts = _block_tuning_bytes(cfg, session, batch_size or int(cfg.quant.batch_size))
+    _, tokens, hidden, _ = session.calibration_shape()
+    in_flight = 3 * 8 * tokens * hidden * 4  # forward_rows' batch of 8 rows: input, output, targets
+    return (sum(parts.values()) + in_flight) / MB
+
+
 def predict_peaks_mb(cfg: Any, session: Any) -> Dict[str, float]:
     model, adapter = session.skeleton, session.adapter
     c = 4 if cfg.model.compute_dtype == "float32" else 2
     rows, tokens, hidden, inter = session.calibration_shape()
     blocks = session.blocks(model)
     block_params = max(sum(p.numel() for p in b.parameters()) for _, b in blocks)
-    largest_layer = max((p.numel() for _, b in blocks for p in b.parameters() if p.dim() >= 2), default=0)
     total = sum(p.numel() for p in model.parameters())
     # image–text calibration runs the vision tower during capture: it is read with the embeddings
     edge = max(_numel(model, adapter.input_tensor_names(model, session.block_lists, bool(cfg.data.images))),
                _numel(model, adapter.head_tensor_names(model)))
 
-    q = cfg.quant
-    tuning = block_params * (c + 2) + (block_params * 4 + largest_layer * 24 if int(q.iters) > 0 else 0)
-    mb_tokens = int(q.batch_size) * tokens
-    backward = mb_tokens * (10 * hidden + 4 * inter) * 4 if int(q.iters) > 0 else mb_tokens * (2 * hidden + inter) * 4
+    parts = _block_tuning_bytes(cfg, session, int(cfg.quant.batch_size))
     activations = 4 * rows * tokens * hidden * c
-    common = INTERPRETER_MB * MB + tuning + backward
+    common = INTERPRETER_MB * MB + sum(parts.values())
     peaks = {
         "high": common + total * c + activations,
         "medium": common + (block_params + edge) * c + activations,

@@ -11,7 +11,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 from omegaconf import DictConfig
 
 from qrunner.errors import UserError
-from qrunner.memory.device import HOST, peak_vram_mb, reset_peak
+from qrunner.memory.device import HOST, begin_peak, peak_vram_mb
 from qrunner.memory.monitor import MemoryMonitor
 from qrunner.pipeline.dag import topological_order
 from qrunner.pipeline.fingerprint import select_keys, stage_fingerprint
@@ -198,7 +198,7 @@ class Runner:
         )
         self.monitor.begin_section(stage.name)
         device = getattr(self.session, "device", HOST)
-        reset_peak(device)
+        begin_peak(device)
         started = time.time()
         metrics = dict(stage.run(ctx) or {})
         seconds = round(time.time() - started, 3)

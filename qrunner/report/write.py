@@ -58,6 +58,9 @@ def plot_memory(report: Dict[str, Any], file: Path) -> Optional[Path]:
     fig, ax = plt.subplots(figsize=(8, 3.2))
     ax.plot(t, [s[1] for s in samples], label="RSS", color="tab:blue")
     ax.plot(t, [s[2] for s in samples], label="RssAnon", color="tab:orange", alpha=0.8)
+    vram = report["memory_timeline"].get("vram")
+    if vram:  # the GPU's allocated memory on the same clock
+        ax.plot([v[0] for v in vram], [v[1] for v in vram], label="VRAM allocated", color="tab:green")
     for when, name in report["memory_timeline"]["marks"]:
         ax.axvline(when, color="grey", lw=0.8, ls="--")
         ax.text(when, ax.get_ylim()[1] * 0.98, f" {name}", rotation=90, va="top", fontsize=7, color="grey")

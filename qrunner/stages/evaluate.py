@@ -15,16 +15,18 @@ from qrunner.memory.device import placed
 from qrunner.models.adapter import get_module
 from qrunner.pipeline.stage import Stage, StageContext, register_stage
 from qrunner.stages.capture import capture_block_inputs
-from qrunner.stages.block_rows import ChainRows, block_inputs, fake_quantized, forward_rows, open_block_rows
+from qrunner.stages.block_rows import (ChainRows, block_inputs, fake_quantized, forward_rows, module_device,
+                                      open_block_rows)
 from qrunner.stages.quantize import QuantizedLayers, quantized_layers
 
 
 def perplexity(model: torch.nn.Module, windows: torch.Tensor, batch_size: int, desc: str, show: bool) -> float:
     """exp(mean negative log-likelihood) over every predicted token of every window."""
     total, count = 0.0, 0
+    device = module_device(model)
     with torch.no_grad():
         for i in tqdm(range(0, len(windows), batch_size), desc=desc, unit="batch", disable=not show):
-            batch = windows[i:i + batch_size]
+            batch = windows[i:i + batch_size].to(device)
             logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
             labels = batch[:, 1:]
             nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
@@ -32,6 +34,19 @@ def perplexity(model: torch.nn.Module, windows: torch.Tensor, batch_size: int, d
             total += float(nll)
             count += labels.numel()
     return math.exp(total / count)
+
+
+def perplexity_on(device: torch.device, model: torch.nn.Module, windows: torch.Tensor, batch_size: int, desc: str,
+                  show: bool, log: Any) -> float:
+    """`perplexity` with the whole model on `device` (memory=high), or on the CPU when it does not fit there."""
+    if device.type != "cpu":
+        try:
+            with placed(model, device):
+                return perplexity(model, windows, batch_size, desc, show)
+        except torch.OutOfMemoryError as err:
+            log.warning("evaluate: the model does not fit %s (%s); %s runs on the CPU", device,
+                        str(err).splitlines()[0], desc)
+    return perplexity(model, windows, batch_size, desc, show)
 
 
 def evaluation_windows(cfg: Any, tokenizer: Any) -> torch.Tensor:
@@ -69,10 +84,12 @@ class EvaluateStage(Stage):
         if session.streams_blocks:
             metrics.update(streamed_perplexities(ctx, windows, layers, bool(cfg.eval.original)))
         else:
+            device = session.device
             if cfg.eval.original:
-                metrics["ppl_original"] = perplexity(session.model(), windows, bs, "eval original", show)
+                metrics["ppl_original"] = perplexity_on(device, session.model(), windows, bs, "eval original", show,
+                                                        ctx.log)
             with fake_quantized_model(session, layers) as model:
-                metrics["ppl_quantized"] = perplexity(model, windows, bs, "eval quantized", show)
+                metrics["ppl_quantized"] = perplexity_on(device, model, windows, bs, "eval quantized", show, ctx.log)
         if "ppl_original" in metrics:
             metrics["ppl_ratio"] = metrics["ppl_quantized"] / metrics["ppl_original"]
             ctx.log.info("evaluate: perplexity original %.4f, quantized %.4f (x%.4f)", metrics["ppl_original"],

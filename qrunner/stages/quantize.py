@@ -22,7 +22,8 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from qrunner.memory.activations import ActivationFile, BlockRows, Rows, TokenSlice, batches
-from qrunner.memory.device import HOST, on_device, peak_vram_mb, placed, release_device, reset_peak, to_device
+from qrunner.memory.device import (HOST, begin_block_peak, block_peak_vram_mb, on_device, placed, release_device,
+                                   to_device)
 from qrunner.memory.monitor import current_rss_mb
 from qrunner.memory.trim import release_freed_memory
 from qrunner.pipeline.atomic import remove_tree
@@ -282,11 +283,11 @@ class QuantizeStage(Stage):
         fallbacks: List[Dict[str, str]] = []
         for device in dict.fromkeys([ctx.session.device, HOST]):
             try:
-                reset_peak(device)
+                begin_block_peak(device)
                 with placed(block, device):
                     done = self._block(ctx, index, name, block, work)
                 done.tuning["device"] = str(device)
-                vram = peak_vram_mb(device)
+                vram = block_peak_vram_mb(device)
                 if vram:
                     done.tuning["vram"] = vram
                 if fallbacks:
