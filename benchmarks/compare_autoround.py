@@ -50,6 +50,7 @@ class Config:
     iters: int
     nsamples: int
     seqlen: int
+    device: str = "cpu"  # where both tools tune: cpu, or cuda (qrunner device=cuda, auto-round device_map="cuda")
 
     @property
     def label(self) -> str:
@@ -112,7 +113,7 @@ def run_qrunner(cfg: Config, root: Path) -> Dict[str, Any]:
            f"quant.iters={cfg.iters}", f"quant.batch_size={BATCH_SIZE}", f"quant.seed={SEED}",
            "quant.amp_bf16=false", "quant.compile=false", "model.compute_dtype=float32",
            f"data.nsamples={cfg.nsamples}", f"data.seqlen={cfg.seqlen}", f"data.seed={SEED}",
-           f"eval.seqlen={cfg.seqlen}", "eval.nsamples=0"]
+           f"eval.seqlen={cfg.seqlen}", "eval.nsamples=0", f"device={cfg.device}"]
     child = run_measured(cmd, root / "qrunner")
     child.check(f"qrunner ({cfg.label})")
     reports = sorted(root.glob("demo/*/report.json"))
@@ -127,7 +128,8 @@ def run_qrunner(cfg: Config, root: Path) -> Dict[str, Any]:
             "quantize_seconds": stages["quantize"]["seconds"], "capture_seconds": stages["capture"]["seconds"],
             "process_wall_seconds": round(child.wall_seconds, 2), "peak_rss_mb": round(child.peak_rss_mb, 1),
             "load_avg_1min": child.load_avg, "ppl_original_own": report["quality"].get("ppl_original"),
-            "ppl_quantized_own": report["quality"].get("ppl_quantized")}
+            "ppl_quantized_own": report["quality"].get("ppl_quantized"),
+            "peak_vram_mb": (stages["quantize"].get("peak_vram_mb") or {}).get("allocated_mb")}
 
 
 def run_autoround(cfg: Config, model: Path, samples: Path, work: Path) -> Dict[str, Any]:
@@ -140,6 +142,7 @@ def run_autoround(cfg: Config, model: Path, samples: Path, work: Path) -> Dict[s
     lines = [ln for ln in child.stdout.read_text().splitlines() if ln.strip()]
     result = json.loads(lines[-1])
     return {"export_dir": result["export_dir"], "quantize_seconds": round(result["quantize_seconds"], 2),
+            "peak_vram_mb": result.get("peak_vram_mb"),
             "process_wall_seconds": round(child.wall_seconds, 2), "peak_rss_mb": round(child.peak_rss_mb, 1),
             "load_avg_1min": child.load_avg}
 
@@ -157,12 +160,19 @@ def autoround_child(spec: Dict[str, Any]) -> None:
                              enable_quanted_input=True, gradient_accumulate_steps=1, nblocks=1)
     ar = AutoRound(spec["model"], scheme=scheme, alg_configs=tuning, dataset=[row.unsqueeze(0) for row in ids],
                    nsamples=len(ids), seqlen=int(ids.shape[1]), batch_size=BATCH_SIZE, seed=SEED, amp=False,
-                   enable_torch_compile=False, low_gpu_mem_usage=False, low_cpu_mem_usage=False, device_map="cpu")
+                   enable_torch_compile=False, low_gpu_mem_usage=False, low_cpu_mem_usage=False,
+                   device_map=spec.get("device", "cpu"))
+    import torch
+
+    on_gpu = spec.get("device", "cpu") != "cpu"
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
     ar.quantize()
     seconds = time.perf_counter() - started
+    vram = round(torch.cuda.max_memory_allocated() / 2**20, 1) if on_gpu else None
     ar.save_quantized(spec["export_dir"], format="auto_round", inplace=True)
-    print(json.dumps({"quantize_seconds": seconds, "export_dir": spec["export_dir"]}))
+    print(json.dumps({"quantize_seconds": seconds, "export_dir": spec["export_dir"], "peak_vram_mb": vram}))
 
 
 def heldout_windows(tokenizer: Any, seqlen: int) -> Any:
@@ -228,7 +238,7 @@ def compare(cfg: Config, model: Path, work: Path, windows: Any) -> Dict[str, Any
 def markdown(rows: List[Dict[str, Any]], meta: Dict[str, Any]) -> str:
     """The results as a Markdown table, one row per configuration."""
     lines = [
-        "# qrunner vs auto-round (CPU)",
+        f"# qrunner vs auto-round ({meta.get('device', 'cpu')})",
         "",
         f"Model: bundled demo-llama; {meta['iters']} iters, {meta['nsamples']} x {meta['seqlen']} calibration tokens "
         f"(identical windows for both), batch size {BATCH_SIZE}, seed {SEED}, fp32, sym int weights; perplexity on "
@@ -249,6 +259,9 @@ def markdown(rows: List[Dict[str, Any]], meta: Dict[str, Any]) -> str:
               "(below 1 favours qrunner). Quantize time: qrunner's `quantize` stage (block tuning; the `capture` "
               "stage is in the JSON) vs auto-round's `quantize()` call (input caching included). Peak RSS: each "
               "whole child process (imports, load, quantize, export; qrunner's also runs its evaluate stage).",
+              *(["", "Peak VRAM (MB allocated during quantization), qrunner / auto-round: " + ", ".join(
+                  f"{r['label']} {r['qrunner']['peak_vram_mb']} / {r['autoround']['peak_vram_mb']}" for r in rows)]
+                if meta.get("device", "cpu") != "cpu" else []),
               "", f"Highest 1-minute load average seen at a child's start or end: {max_load(rows):.1f} on "
               f"{meta['cpu_count']} CPUs (above the CPU count, other processes competed and timings are noisy).", ""]
     return "\n".join(lines)
@@ -279,6 +292,8 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     p.add_argument("--seqlen", type=int, default=256)
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     p.add_argument("--work", type=Path, help="keep run dirs, exports and child logs here (default: a temp dir)")
+    p.add_argument("--device", default="cpu", help="cpu, or cuda: both tools tune on the GPU (results go to "
+                   "compare_autoround_cuda.json/.md)")
     return p.parse_args(argv)
 
 
@@ -294,20 +309,22 @@ def main(argv: List[str]) -> None:
     from qrunner._paths import asset
 
     pairs = [(args.bits, args.group_size)] if args.bits else parse_schemes(args.schemes, args.group_size)
-    configs = [Config(b, g, args.iters, args.nsamples, args.seqlen) for b, g in pairs]
+    configs = [Config(b, g, args.iters, args.nsamples, args.seqlen, args.device) for b, g in pairs]
     model = asset("demo-llama")
     windows = heldout_windows(AutoTokenizer.from_pretrained(str(model)), args.seqlen)
     meta = {**environment(), "iters": args.iters, "nsamples": args.nsamples, "seqlen": args.seqlen,
-            "batch_size": BATCH_SIZE, "seed": SEED, "eval_windows": len(windows), "model": str(model)}
+            "batch_size": BATCH_SIZE, "seed": SEED, "eval_windows": len(windows), "model": str(model),
+            "device": args.device}
     with tempfile.TemporaryDirectory(prefix="compare_autoround-") as tmp:
         work = args.work.resolve() if args.work else Path(tmp)
         rows = [compare(cfg, model, work, windows) for cfg in configs]
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "compare_autoround.json").write_text(json.dumps({"settings": meta, "results": rows}, indent=2) + "\n")
+    name = "compare_autoround" if args.device == "cpu" else f"compare_autoround_{args.device.split(':')[0]}"
+    (args.out / f"{name}.json").write_text(json.dumps({"settings": meta, "results": rows}, indent=2) + "\n")
     table = markdown(rows, meta)
-    (args.out / "compare_autoround.md").write_text(table)
+    (args.out / f"{name}.md").write_text(table)
     print(table)
-    print(f"wrote {args.out / 'compare_autoround.json'} and {args.out / 'compare_autoround.md'}")
+    print(f"wrote {args.out / (name + '.json')} and {args.out / (name + '.md')}")
 
 
 if __name__ == "__main__":

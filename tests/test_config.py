@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 from hydra.errors import ConfigCompositionException
 
-from conftest import compose, run_cli, run_inprocess, tiny_overrides
+from conftest import compose, run_cli, tiny_overrides
 from qrunner.config.provenance import Provenance
 from qrunner.config.validate import validate
 from qrunner.errors import UserError
@@ -129,11 +129,3 @@ def test_cli_prints_one_line_and_no_traceback(tmp_path):
     assert "does_not_exist" in res.stderr and "demo" in res.stderr  # lists the available recipes
 
 
-def test_multirun_sweep_runs_each_job_in_its_own_run_dir(tiny_llama, tmp_path):
-    res = run_cli(["-m", *tiny_overrides(tiny_llama, tmp_path), "scheme=w4a16,w8a16", "eval.enabled=false"])
-    assert res.returncode == 0, res.stderr
-    run_dirs = sorted(p for p in (tmp_path / "demo").iterdir() if p.is_dir())
-    assert len(run_dirs) == 2 and res.stderr.count("[qrunner] run directory") == 2
-    bits = sorted(__import__("json").loads((d / "model" / "config.json").read_text())["quantization_config"]["bits"]
-                  for d in run_dirs)
-    assert bits == [4, 8]
