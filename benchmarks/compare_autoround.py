@@ -31,7 +31,6 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Dict, List
 
 REPO = Path(__file__).resolve().parents[1]
@@ -177,10 +176,12 @@ def autoround_child(spec: Dict[str, Any]) -> None:
 
 def heldout_windows(tokenizer: Any, seqlen: int) -> Any:
     """Every ``seqlen``-token window of the bundled held-out text, cut exactly as qrunner's evaluate stage."""
+    from omegaconf import OmegaConf
+
+    from qrunner.config.schema import EvalConfig
     from qrunner.stages.evaluate import evaluation_windows
 
-    cfg = SimpleNamespace(eval=SimpleNamespace(source="builtin", format="auto", text_field="text", seqlen=seqlen,
-                                               nsamples=0))
+    cfg = OmegaConf.create({"eval": OmegaConf.structured(EvalConfig(seqlen=seqlen, nsamples=0))})  # the defaults
     return evaluation_windows(cfg, tokenizer)
 
 
