@@ -110,7 +110,7 @@ def run_qrunner(cfg: Config, root: Path) -> Dict[str, Any]:
            "run.show_progress=false", "memory=high", "scheme=w4a16", f"scheme.name={cfg.slug}",
            f"scheme.bits={cfg.bits}", f"scheme.group_size={cfg.group_size}", "scheme.sym=true",
            f"quant.iters={cfg.iters}", f"quant.batch_size={BATCH_SIZE}", f"quant.seed={SEED}",
-           "quant.amp_bf16=false", "quant.compile=false", "model.compute_dtype=float32",
+           "quant.amp_bf16=false", "quant.compile=false", "quant.rtn_loss=false", "model.compute_dtype=float32",
            f"data.nsamples={cfg.nsamples}", f"data.seqlen={cfg.seqlen}", f"data.seed={SEED}",
            f"eval.seqlen={cfg.seqlen}", "eval.nsamples=0", f"device={cfg.device}"]
     child = run_measured(cmd, root / "qrunner")

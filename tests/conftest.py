@@ -16,6 +16,18 @@ from tiny_models import make_tiny_llama  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tuning tests on tiny tensors: the 2 test cores are shared with other jobs, and with intra-op threads tiny
+    ops wait on busy cores (measured 1000x slower per op). One thread keeps a module fast."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
     return make_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama")

@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from qrunner.quant.autoround import TuneSettings, _IndexSampler, _TunedLinear, default_lr, tune_block
+from qrunner.quant.autoround import TuneSettings, _IndexSampler, default_lr, tune_block
+from qrunner.quant.fake_quant import TunedLinear
 from qrunner.quant.opt_rtn import (
     ImportanceCollector,
     autoround_factor_range,
@@ -22,14 +23,7 @@ from qrunner.quant.rtn import quantize, quantize_rtn
 from qrunner.quant.scheme import QuantScheme
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The 2 test cores are shared with other jobs: with intra-op threads, tiny ops wait on
-    # busy cores (measured 1000x slower per op). One thread keeps this module fast.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -88,7 +82,7 @@ def test_straight_through_gradient_reaches_v_and_min_max_scale(sym):
     lin = nn.Linear(64, 32)
     with torch.no_grad():
         lin.weight.normal_(0, 0.1)
-    wrapped = _TunedLinear(lin, QuantScheme(2, 32, sym), minmax_tuning=True)
+    wrapped = TunedLinear(lin, QuantScheme(2, 32, sym), minmax_tuning=True)
     x = torch.randn(16, 64)
     loss = ((wrapped(x) - lin(x).detach()) ** 2).mean()
     loss.backward()
@@ -458,7 +452,7 @@ def test_tuning_a_layer_with_a_short_last_group():
     block.eval()
     x, y = _data(block, n=16)
     layers = {"0": QuantScheme(2, 64, True), "2": QuantScheme(2, 64, False)}
-    wrapped = _TunedLinear(block[2], layers["2"], minmax_tuning=True)
+    wrapped = TunedLinear(block[2], layers["2"], minmax_tuning=True)
     assert wrapped.v.shape == (64, 96) and wrapped.min_scale.shape == (64, 2)
     res = tune_block(block, layers, x, y, _forward, TuneSettings(iters=60, batch_size=16, keep_params=True), _gen(0))
     qw = res.weights["2"]

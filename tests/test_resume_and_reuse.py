@@ -117,16 +117,18 @@ def test_explicit_output_dir_is_used_exactly_and_foreign_folders_are_refused(tin
 
 
 def test_two_runs_of_the_same_config_give_byte_identical_exports(tiny_llama, tmp_path):
-    a = run_inprocess(tiny_overrides(tiny_llama, tmp_path / "a", "quant.iters=30"))
-    b = run_inprocess(tiny_overrides(tiny_llama, tmp_path / "b", "quant.iters=30"))
+    a = run_inprocess(tiny_overrides(tiny_llama, tmp_path / "a", "quant.iters=30", "quant.rtn_loss=true"))
+    b = run_inprocess(tiny_overrides(tiny_llama, tmp_path / "b", "quant.iters=30", "quant.rtn_loss=true"))
     assert tree_bytes(Path(a["export_dir"])) == tree_bytes(Path(b["export_dir"]))
     assert a["block_loss"] == b["block_loss"]
+    assert len(a["block_loss_rtn"]) == len(a["block_loss"]) > 0
     assert all(after <= before for before, after in zip(a["block_loss_rtn"], a["block_loss"]))
 
 
 def test_opt_rtn_variant_runs_and_differs_from_plain_rtn(tiny_llama, tmp_path):
     plain = run_inprocess(tiny_overrides(tiny_llama, tmp_path, "quant.iters=0"))
-    opt = run_inprocess(tiny_overrides(tiny_llama, tmp_path, "quant.iters=0", "quant.opt_rtn=true"))
+    opt = run_inprocess(tiny_overrides(tiny_llama, tmp_path, "quant.iters=0", "quant.opt_rtn=true",
+                                       "quant.rtn_loss=true"))
     assert plain["run_dir"] != opt["run_dir"]
     # the RTN reference of opt_rtn is plain RTN; on block 0 both chains have the same inputs
     assert opt["block_loss_rtn"][0] == plain["block_loss"][0]

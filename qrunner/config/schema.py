@@ -127,6 +127,9 @@ class QuantConfig:
     amp_bf16: bool = False
     # torch.compile the block forward while tuning
     compile: bool = False
+    # also run each block with round-to-nearest weights, for the report's per-block "RTN vs tuned" loss (one more
+    # block forward over the calibration samples; off by default, on in the demo recipe)
+    rtn_loss: bool = False
     seed: int = 42
     # regexes of layer names (e.g. "mlp.down_proj") left in full precision
     ignore_layers: List[str] = field(default_factory=list)

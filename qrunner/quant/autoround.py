@@ -5,8 +5,9 @@
 ``sign_sgd.py``, ``compressors/utils.py``):
 
 * Per listed linear: fp32 tensors ``v`` (zeros, ``[out, in]``), ``min_scale`` and ``max_scale``
-  (ones, ``[out, n_groups]``), used through :func:`qrunner.quant.rtn.quant_dequant` in the
-  forward pass (straight-through rounding). Every other block parameter is frozen.
+  (ones, ``[out, n_groups]``), used through ``quant_dequant``'s arithmetic in the forward pass
+  (straight-through rounding; :func:`qrunner.quant.fake_quant.fake_quant_linear` fuses it with the
+  layer's matmul and gives autograd's gradients). Every other block parameter is frozen.
 * ``min_scale`` / ``max_scale`` are clamped *in place* to [0, 1] before every forward
   (``WrapperLinear._qdq_weight``: ``min_scale.data.clamp_(0, 1)``). ``v`` is **not** clamped:
   with the default lr ``1/iters`` and the linear decay, ``|v| <= sum(lr_i) ~= 0.5``.
@@ -28,11 +29,12 @@
   if it is strictly lower than the best so far) *before* the optimizer step of iteration
   ``i``, so the loss belongs to exactly the parameters saved; iteration 0 (v = 0,
   scales = 1, i.e. plain RTN) takes part. The snapshot is the layer quantized with those
-  parameters (1 byte a weight), not a copy of ``v``.
+  parameters (1 byte a weight), not a copy of ``v``: the codes the iteration's forward pass wrote.
 
-Memory: besides the block's weights, tuning holds ``v`` (4 bytes a weight), the best snapshot
-(about 1 byte a weight) and one layer's recomputed fake-quantization at a time (activation
-checkpointing in :class:`_TunedLinear`), plus the block's activations for one micro-batch. No early stop (``dynamic_max_gap = -1``).
+Memory: besides the block's weights, tuning holds ``v`` (4 bytes a weight), the codes of the current
+and of the best iteration (1 byte a weight each) and one layer's recomputed fake-quantization at a time
+(the fused layer's backward pass), plus the block's activations for one micro-batch. No early stop
+(``dynamic_max_gap = -1``).
 
 Determinism: mini-batches are drawn only from ``generator``; nothing global is seeded or
 changed. Blocks with randomness of their own (dropout in train mode) use torch's global
@@ -53,7 +55,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qrunner.quant.rtn import QuantizedWeight, quant_dequant, quantize
+from qrunner.phases import PhaseTimes
+from qrunner.quant.fake_quant import TunedLinear
+from qrunner.quant.rtn import QuantizedWeight, quantize
 from qrunner.quant.scheme import QuantScheme
 
 __all__ = ["TuneResult", "TuneSettings", "tune_block", "default_lr"]
@@ -122,6 +126,8 @@ class TuneResult:
     iteration's parameters. With ``settings.keep_params``, ``params[name]`` holds those parameters
     (``min_scale``/``max_scale`` are ``None`` without min/max tuning); otherwise it is empty. With ``iters=0`` the weights are plain
     RTN, ``losses`` is empty and ``best_loss``/``first_loss`` are NaN (nothing was run).
+    ``phases``: seconds by phase of the iterations (``read_rows``, ``forward`` with the loss, ``backward``,
+    ``sign_step``, ``snapshot``, ``clamp``) and ``setup`` (wrapping the layers, the sampler, unwrapping).
     """
 
     weights: dict[str, QuantizedWeight]
@@ -131,63 +137,7 @@ class TuneResult:
     losses: list[float]
     seconds: float
     params: dict[str, dict[str, torch.Tensor | None]] = field(default_factory=dict)
-
-
-class _TunedLinear(nn.Module):
-    """Stands in for an ``nn.Linear`` during tuning: fake-quantized weight, same bias.
-
-    The fake-quantization and the matmul run under activation checkpointing: the forward pass keeps no
-    weight-sized intermediates for the backward pass (which recomputes them one layer at a time), so
-    a block's tuning state is its weights plus ``v`` (4 bytes a weight) whatever its depth of graph.
-    """
-
-    def __init__(self, linear: nn.Linear, scheme: QuantScheme, minmax_tuning: bool) -> None:
-        super().__init__()
-        self.linear = linear
-        self.scheme = scheme
-        weight = linear.weight.detach()
-        out_features, in_features = weight.shape
-        n_groups = scheme.n_groups(in_features)  # ceil: a group size not dividing in leaves a shorter last group
-        # v covers the real weight only: quant_dequant pads it with zeros where it pads the weight
-        self.v = nn.Parameter(torch.zeros(out_features, in_features, dtype=torch.float32, device=weight.device))
-        if minmax_tuning:
-            ones = torch.ones(out_features, n_groups, dtype=torch.float32, device=weight.device)
-            self.min_scale: nn.Parameter | None = nn.Parameter(ones.clone())
-            self.max_scale: nn.Parameter | None = nn.Parameter(ones)
-        else:
-            self.min_scale = None
-            self.max_scale = None
-
-    def clamp_scales_(self) -> None:
-        with torch.no_grad():
-            if self.min_scale is not None:
-                self.min_scale.clamp_(0.0, 1.0)
-                self.max_scale.clamp_(0.0, 1.0)
-
-    def params(self) -> dict[str, torch.Tensor | None]:
-        """Copies of the current ``v`` / ``min_scale`` / ``max_scale``."""
-        return {
-            "v": self.v.detach().clone(),
-            "min_scale": None if self.min_scale is None else self.min_scale.detach().clone(),
-            "max_scale": None if self.max_scale is None else self.max_scale.detach().clone(),
-        }
-
-    @torch.no_grad()
-    def quantized(self) -> QuantizedWeight:
-        """The layer quantized with the current parameters (1 byte a weight: the best-iteration snapshot)."""
-        return quantize(self.linear.weight, self.scheme, self.v, self.min_scale, self.max_scale)
-
-    def _fake_quant_linear(self, x: torch.Tensor, v: torch.Tensor, min_scale: torch.Tensor | None,
-                           max_scale: torch.Tensor | None) -> torch.Tensor:
-        # quant_dequant computes in float32 and returns w_hat in the weight's dtype
-        w_hat, _, _, _ = quant_dequant(self.linear.weight, self.scheme, v, min_scale, max_scale)
-        return F.linear(x, w_hat, self.linear.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.is_grad_enabled():
-            return self._fake_quant_linear(x, self.v, self.min_scale, self.max_scale)
-        return torch.utils.checkpoint.checkpoint(self._fake_quant_linear, x, self.v, self.min_scale,
-                                                 self.max_scale, use_reentrant=False, preserve_rng_state=False)
+    phases: dict[str, float] = field(default_factory=dict)
 
 
 class _SignSGD(torch.optim.Optimizer):
@@ -225,7 +175,7 @@ class _IndexSampler:
 
 
 def _swap_in(block: nn.Module, layers: dict[str, QuantScheme], minmax_tuning: bool
-             ) -> dict[str, tuple[nn.Module, str, nn.Linear, _TunedLinear]]:
+             ) -> dict[str, tuple[nn.Module, str, nn.Linear, TunedLinear]]:
     """Build wrappers for every listed linear (validating all first), then swap them in."""
     plan = {}
     for name, scheme in layers.items():
@@ -239,13 +189,13 @@ def _swap_in(block: nn.Module, layers: dict[str, QuantScheme], minmax_tuning: bo
             raise TypeError(f"layers[{name!r}] must be a QuantScheme, got {type(scheme).__name__}")
         parent_name, _, child = name.rpartition(".")
         parent = block.get_submodule(parent_name) if parent_name else block
-        plan[name] = (parent, child, module, _TunedLinear(module, scheme, minmax_tuning))
+        plan[name] = (parent, child, module, TunedLinear(module, scheme, minmax_tuning))
     for parent, child, _, wrapper in plan.values():
         setattr(parent, child, wrapper)
     return plan
 
 
-def _swap_out(plan: dict[str, tuple[nn.Module, str, nn.Linear, _TunedLinear]]) -> None:
+def _swap_out(plan: dict[str, tuple[nn.Module, str, nn.Linear, TunedLinear]]) -> None:
     for parent, child, linear, _ in plan.values():
         setattr(parent, child, linear)
 
@@ -289,13 +239,14 @@ def tune_block(
     wrappers = {name: entry[3] for name, entry in plan.items()}
     grad_flags = [(p, p.requires_grad) for p in _unique_params(block, wrappers)]
     losses: list[float] = []
+    times = PhaseTimes()
     best_iter, best_loss, best = 0, float("nan"), None
     try:
         for p, _ in grad_flags:
             p.requires_grad_(False)
         if settings.iters > 0:
             best_iter, best_loss, best = _optimize(
-                wrappers, block, inputs, targets, forward, settings, generator, progress, losses
+                wrappers, block, inputs, targets, forward, settings, generator, progress, losses, times
             )
     finally:
         for w in wrappers.values():
@@ -313,7 +264,9 @@ def tune_block(
     weights = {name: snap.weight for name, snap in best.items()}
     params = {name: snap.params for name, snap in best.items() if snap.params is not None}
     first_loss = losses[0] if losses else float("nan")
-    return TuneResult(weights, best_iter, best_loss, first_loss, losses, time.perf_counter() - start, params)
+    seconds = time.perf_counter() - start
+    times.add("setup", seconds - sum(times.seconds.values()))
+    return TuneResult(weights, best_iter, best_loss, first_loss, losses, seconds, params, times.as_dict())
 
 
 @dataclass
@@ -324,8 +277,9 @@ class _Snapshot:
     params: dict[str, torch.Tensor | None] | None
 
 
-def _snapshot(wrappers: dict[str, _TunedLinear], keep_params: bool) -> dict[str, _Snapshot]:
-    return {name: _Snapshot(w.quantized(), w.params() if keep_params else None) for name, w in wrappers.items()}
+def _snapshot(wrappers: dict[str, TunedLinear], keep_params: bool) -> dict[str, _Snapshot]:
+    return {name: _Snapshot(w.quantized_from_codes(), w.params() if keep_params else None)
+            for name, w in wrappers.items()}
 
 
 class RowSource(Protocol):
@@ -351,7 +305,7 @@ def _as_rows(rows: torch.Tensor | RowSource) -> RowSource:
     return _TensorSource(rows) if isinstance(rows, torch.Tensor) else rows
 
 
-def _unique_params(block: nn.Module, wrappers: dict[str, _TunedLinear]) -> list[nn.Parameter]:
+def _unique_params(block: nn.Module, wrappers: dict[str, TunedLinear]) -> list[nn.Parameter]:
     """The block's own parameters (the tuning parameters of the wrappers excluded)."""
     own = {id(p) for w in wrappers.values() for p in (w.v, w.min_scale, w.max_scale) if p is not None}
     seen, out = set(), []
@@ -362,7 +316,7 @@ def _unique_params(block: nn.Module, wrappers: dict[str, _TunedLinear]) -> list[
     return out
 
 
-def _optimize(wrappers, block, inputs, targets, forward, settings, generator, progress, losses):
+def _optimize(wrappers, block, inputs, targets, forward, settings, generator, progress, losses, times):
     groups = []
     for w in wrappers.values():
         groups.append({"params": [w.v], "lr": settings.layer_lr(w.scheme.bits)})
@@ -407,47 +361,60 @@ def _optimize(wrappers, block, inputs, targets, forward, settings, generator, pr
         if total < best_loss:  # strict, as AutoRound: ties keep the earlier iteration
             best_loss, best_iter = total, i
             best = None  # the old snapshot goes before the new one is made
-            best = _snapshot(wrappers, settings.keep_params)
+            with times.phase("snapshot"):
+                best = _snapshot(wrappers, settings.keep_params)
 
-    def micro_batch_loss(fn, mb: torch.Tensor) -> torch.Tensor:
-        x = inputs.read(mb)
-        y = targets.read(mb)
-        with amp():
-            out = fn(block, x)
-        y = y.to(out.device)
-        if out.shape != y.shape:
-            raise ValueError(f"forward returned shape {tuple(out.shape)}, targets have {tuple(y.shape)}")
-        return F.mse_loss(out.to(torch.float32), y.to(torch.float32), reduction="sum") / numel_global
+    def micro_batch_loss(fn, mb: torch.Tensor) -> tuple[torch.Tensor, float]:
+        with times.phase("read_rows"):
+            x = inputs.read(mb)
+            y = targets.read(mb)
+        with times.phase("forward"):
+            with amp():
+                out = fn(block, x)
+            y = y.to(out.device)
+            if out.shape != y.shape:
+                raise ValueError(f"forward returned shape {tuple(out.shape)}, targets have {tuple(y.shape)}")
+            loss = F.mse_loss(out.to(torch.float32), y.to(torch.float32), reduction="sum") / numel_global
+            return loss, float(loss.item())
+
+    def backward(loss: torch.Tensor) -> None:
+        """The backward pass; the sign steps the hooks take inside it are counted as "sign_step"."""
+        steps_before = times.seconds["sign_step"]
+        started = time.perf_counter()
+        (loss * _LOSS_SCALE).backward()
+        times.add("backward", time.perf_counter() - started - (times.seconds["sign_step"] - steps_before))
 
     def run_iteration(fn, i: int, indices: torch.Tensor) -> float:
-        for w in wrappers.values():
-            w.clamp_scales_()
+        with times.phase("clamp"):
+            for w in wrappers.values():
+                w.clamp_scales_()
+                w.codes_valid = False  # a layer this iteration's forward does not reach quantizes afresh
         if micro_batches == 1:
             # one micro-batch: the loss is known before the backward pass, so the snapshot is taken first and
             # each parameter takes its sign step as soon as its gradient is complete (hooks below): no
             # gradient of the whole block is ever held
-            loss = micro_batch_loss(fn, indices)
-            total = float(loss.item())
+            loss, total = micro_batch_loss(fn, indices)
             consider(i, total)
-            (loss * _LOSS_SCALE).backward()
+            backward(loss)
             optimizer.step()  # a no-op (every gradient is already consumed); keeps the lr schedule's bookkeeping
             return total
         total = 0.0
         for b in range(0, global_batch, batch_size):
-            loss = micro_batch_loss(fn, indices[b : b + batch_size])
-            total += float(loss.item())
-            (loss * _LOSS_SCALE).backward()
+            loss, value = micro_batch_loss(fn, indices[b : b + batch_size])
+            total += value
+            backward(loss)
         consider(i, total)
-        optimizer.step()
-        for p in tuned:
-            p.grad = None
+        with times.phase("sign_step"):
+            optimizer.step()
+            for p in tuned:
+                p.grad = None
         return total
 
     hooks = []
     if micro_batches == 1:
         for group in optimizer.param_groups:
             for p in group["params"]:
-                hooks.append(p.register_post_accumulate_grad_hook(_sign_step_hook(group)))
+                hooks.append(p.register_post_accumulate_grad_hook(_sign_step_hook(group, times)))
     try:
         with torch.enable_grad():
             for i in range(settings.iters):
@@ -487,18 +454,19 @@ def _device_of(batch: torch.Tensor | dict) -> torch.device:
     return batch.device
 
 
-def _sign_step_hook(group: dict):
+def _sign_step_hook(group: dict, times: PhaseTimes):
     """``p -= lr * sign(grad)`` the moment ``p``'s gradient is complete, then the gradient is dropped."""
 
     @torch.no_grad()
     def hook(p: torch.Tensor) -> None:
-        p.add_(torch.sign(p.grad), alpha=-group["lr"])
-        p.grad = None
+        with times.phase("sign_step"):
+            p.add_(torch.sign(p.grad), alpha=-group["lr"])
+            p.grad = None
 
     return hook
 
 
-def _initial_params(w: _TunedLinear) -> dict[str, torch.Tensor | None]:
+def _initial_params(w: TunedLinear) -> dict[str, torch.Tensor | None]:
     return {
         "v": torch.zeros_like(w.v),
         "min_scale": None if w.min_scale is None else torch.ones_like(w.min_scale),

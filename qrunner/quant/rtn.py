@@ -37,12 +37,14 @@ from qrunner.quant.scheme import QuantScheme
 __all__ = [
     "Q_SCALE_THRESH",
     "QuantizedWeight",
+    "group_extremes",
     "group_layout",
     "pad_columns",
     "quant_dequant",
     "quantize",
     "quantize_rtn",
     "round_ste",
+    "scale_and_zero",
     "to_quantized_weight",
 ]
 
@@ -160,14 +162,52 @@ def quant_dequant(
     if weight.dim() != 2:
         raise ValueError(f"expected a 2-D weight [out, in], got shape {tuple(weight.shape)}")
     out, in_features = weight.shape
+    w, amin, amax, pad = group_extremes(weight, scheme)
+    scale, zero, lo, hi = scale_and_zero(amin, amax, scheme, min_scale, max_scale)
+    x = w / scale
+    if v is not None:
+        v = v.to(torch.float32)
+        x = x + (pad_columns(v, pad).reshape(w.shape) if v.dim() > 0 else v)
+    q = torch.clamp(round_ste(x) + zero, lo, hi)
+    w_hat = scale * (q - zero)
+    n = w.shape[1] * w.shape[2]
+    w_hat, q = w_hat.reshape(out, n), q.reshape(out, n)
+    if pad:
+        w_hat, q = w_hat[:, :in_features], q[:, :in_features]
+    return (
+        w_hat.to(weight.dtype),
+        scale.reshape(out, -1),
+        zero.reshape(out, -1),
+        q,
+    )
+
+
+def group_extremes(weight: torch.Tensor, scheme: QuantScheme
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """``(w, amin, amax, pad)``: the weight in float32 as ``[out, n_groups, g]`` (zero-padded by ``pad`` columns),
+    and per group ``min(w, 0)`` and ``max(w, 0)`` as ``[out, n_groups, 1]`` (constant while only ``v`` and the
+    range coefficients are tuned)."""
+    out, in_features = weight.shape
     g, n_groups, pad = group_layout(in_features, scheme)
     w = pad_columns(weight.to(torch.float32), pad).reshape(out, n_groups, g)
+    amin = torch.clamp(w.amin(dim=-1, keepdim=True), max=0)
+    amax = torch.clamp(w.amax(dim=-1, keepdim=True), min=0)
+    return w, amin, amax, pad
 
-    min_s = _per_group(min_scale, 1.0, out, n_groups)
-    max_s = _per_group(max_scale, 1.0, out, n_groups)
-    wmin = torch.clamp(w.amin(dim=-1, keepdim=True), max=0) * min_s
-    wmax = torch.clamp(w.amax(dim=-1, keepdim=True), min=0) * max_s
 
+def scale_and_zero(
+    amin: torch.Tensor,
+    amax: torch.Tensor,
+    scheme: QuantScheme,
+    min_scale: torch.Tensor | float | None = None,
+    max_scale: torch.Tensor | float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """Per-group ``(scale, zero, lo, hi)`` from the group extremes (``[out, n_groups, 1]``) and the range
+    coefficients; differentiable in ``min_scale`` / ``max_scale``. ``scale`` holds float16-representable values,
+    ``zero`` is 0 (sym) or the unsigned zero point, ``[lo, hi]`` is the integer grid."""
+    out, n_groups = amin.shape[0], amin.shape[1]
+    wmin = amin * _per_group(min_scale, 1.0, out, n_groups)
+    wmax = amax * _per_group(max_scale, 1.0, out, n_groups)
     if scheme.sym:
         maxq = 2 ** (scheme.bits - 1)
         wmin_abs = -wmin
@@ -178,30 +218,11 @@ def quant_dequant(
             scale16 < 0, scale16.clamp(max=-Q_SCALE_THRESH), scale16.clamp(min=Q_SCALE_THRESH)
         )
         scale = scale16.to(torch.float32)
-        zero = torch.zeros_like(scale)
-        lo, hi = -maxq, maxq - 1
-    else:
-        maxq = 2**scheme.bits - 1
-        scale16 = ((wmax - wmin) / maxq).clamp(max=_FP16_MAX).to(torch.float16).clamp(min=Q_SCALE_THRESH)
-        scale = scale16.to(torch.float32)
-        zero = round_ste(-wmin / scale)
-        lo, hi = 0, maxq
-
-    x = w / scale
-    if v is not None:
-        v = v.to(torch.float32)
-        x = x + (pad_columns(v, pad).reshape(out, n_groups, g) if v.dim() > 0 else v)
-    q = torch.clamp(round_ste(x) + zero, lo, hi)
-    w_hat = scale * (q - zero)
-    w_hat, q = w_hat.reshape(out, n_groups * g), q.reshape(out, n_groups * g)
-    if pad:
-        w_hat, q = w_hat[:, :in_features], q[:, :in_features]
-    return (
-        w_hat.to(weight.dtype),
-        scale.reshape(out, n_groups),
-        zero.reshape(out, n_groups),
-        q,
-    )
+        return scale, torch.zeros_like(scale), -maxq, maxq - 1
+    maxq = 2**scheme.bits - 1
+    scale16 = ((wmax - wmin) / maxq).clamp(max=_FP16_MAX).to(torch.float16).clamp(min=Q_SCALE_THRESH)
+    scale = scale16.to(torch.float32)
+    return scale, round_ste(-wmin / scale), 0, maxq
 
 
 def to_quantized_weight(

@@ -85,11 +85,12 @@ def plot_block_loss(report: Dict[str, Any], file: Path) -> Optional[Path]:
 
     import numpy as np
 
-    rtn = report.get("block_loss_rtn") or losses
+    rtn = report.get("block_loss_rtn")  # measured on request (quant.rtn_loss) or when the weights are RTN's
     x = np.arange(len(losses))
     fig, ax = plt.subplots(figsize=(7, 3))
-    ax.bar(x - 0.2, rtn, width=0.4, color="tab:grey", label="before tuning (RTN)")
-    ax.bar(x + 0.2, losses, width=0.4, color="tab:green", label="after tuning")
+    if rtn:
+        ax.bar(x - 0.2, rtn, width=0.4, color="tab:grey", label="before tuning (RTN)")
+    ax.bar(x + 0.2 if rtn else x, losses, width=0.4, color="tab:green", label="after tuning")
     ax.set_yscale("log")
     ax.set_xlabel("block")
     ax.set_ylabel("output MSE vs original")
@@ -134,9 +135,13 @@ def markdown(report: Dict[str, Any], images: List[Path]) -> str:
     lines += autoscheme_table(report.get("autoscheme")) + budgets_table(report.get("budgets"))
     lines += task_table(report.get("tasks") or {})
     if report["block_loss"]:
-        rtn = report.get("block_loss_rtn") or report["block_loss"]
-        lines += ["", "| block | loss before tuning (RTN) | loss after |", "|---:|---:|---:|"]
-        lines += [f"| {i} | {b:.3e} | {a:.3e} |" for i, (b, a) in enumerate(zip(rtn, report["block_loss"]))]
+        rtn = report.get("block_loss_rtn")
+        if rtn:
+            lines += ["", "| block | loss before tuning (RTN) | loss after |", "|---:|---:|---:|"]
+            lines += [f"| {i} | {b:.3e} | {a:.3e} |" for i, (b, a) in enumerate(zip(rtn, report["block_loss"]))]
+        else:  # the RTN-comparison forward is on request (quant.rtn_loss=true)
+            lines += ["", "| block | loss |", "|---:|---:|"]
+            lines += [f"| {i} | {a:.3e} |" for i, a in enumerate(report["block_loss"])]
     lines += stream_loss_table(report.get("block_loss_parts"))
     for image in images:
         lines += ["", f"![{image.stem}]({image.name})"]

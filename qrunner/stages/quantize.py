@@ -31,6 +31,7 @@ from qrunner.models.adapter import HIDDEN, LayerPlan, get_module
 from qrunner.models.block_io import load_block_inputs
 from qrunner.pipeline.faults import fault_point
 from qrunner.pipeline.stage import Stage, StageContext, register_stage
+from qrunner.phases import PhaseTimes
 from qrunner.pipeline.status import report_status
 from qrunner.quant.autoround import TuneSettings, tune_block
 from qrunner.quant.opt_rtn import ImportanceCollector, quantize_weighted_rtn
@@ -165,6 +166,7 @@ class QuantizeStage(Stage):
     reads = ("scheme.data_type", "quant.iters", "quant.lr",
              "quant.minmax_lr", "quant.batch_size", "quant.grad_accum", "quant.minmax_tuning",
              "quant.quantized_inputs", "quant.opt_rtn", "quant.amp_bf16", "quant.compile", "quant.seed",
+             "quant.rtn_loss",
              *PLAN_KEYS, "model.compute_dtype", "family.loss_streams")
     version = 3
     description = "block-by-block AutoRound tuning, checkpointed per block"
@@ -229,6 +231,7 @@ class QuantizeStage(Stage):
             next_q, next_q_side = (out_q, out_side) if cfg.quant.quantized_inputs else (target, target_side)
 
             def write(tmp: Path) -> Dict[str, Any]:
+                started_write = time.perf_counter()
                 save_quantized(weights, tmp / QUANTIZED)
                 publish_rows(target, tmp / FPCHAIN, keep_original=next_q is target)
                 publish_rows(next_q, tmp / QCHAIN)
@@ -238,12 +241,14 @@ class QuantizeStage(Stage):
                         (tmp / folder).mkdir()
                     for rows_name, rows in rows_by_name.items():
                         publish_rows(rows, tmp / folder / rows_name, keep_original=keep)
+                seconds = {**tuning.pop("seconds"), "commit_write": round(time.perf_counter() - started_write, 4)}
                 return {"block": name, "index": index, "layers": sorted(weights), "loss": loss,
-                        "loss_rtn": loss_rtn, "side_outputs": sorted(writes.values()), **tuning}
+                        "loss_rtn": loss_rtn, "side_outputs": sorted(writes.values()), **tuning, "seconds": seconds}
 
             ctx.units.commit(unit_key(index), write)
-            ctx.log.info("quantize: block %d/%d %s committed: %d layers, loss %.3e (RTN %.3e), %.1fs, RSS %.0f MB",
-                         index + 1, len(names), name, len(weights), loss, loss_rtn, time.time() - started,
+            ctx.log.info("quantize: block %d/%d %s committed: %d layers, loss %.3e%s, %.1fs, RSS %.0f MB",
+                         index + 1, len(names), name, len(weights), loss,
+                         "" if loss_rtn is None else f" (RTN {loss_rtn:.3e})", time.time() - started,
                          current_rss_mb())
             fault_point("quantize.block_committed")
             if index > 0:  # the previous block's outputs are no longer needed to resume
@@ -269,8 +274,15 @@ class QuantizeStage(Stage):
         parts = {k: {"tuned": [i.get("loss_parts", {}).get(k) for i in infos],
                      "rtn": [i.get("loss_rtn_parts", {}).get(k) for i in infos]}
                  for k in sorted({k for i in infos for k in i.get("loss_parts", {})})}
+        rtn = [i.get("loss_rtn") for i in infos]
+        phase_seconds: Dict[str, float] = {}
+        for i in infos:
+            for phase, seconds in i.get("seconds", {}).items():
+                phase_seconds[phase] = round(phase_seconds.get(phase, 0.0) + seconds, 4)
         return {"blocks": len(names), "resumed_at_block": start, "iters": int(cfg.quant.iters),
-                "block_loss": [i["loss"] for i in infos], "block_loss_rtn": [i["loss_rtn"] for i in infos],
+                "block_loss": [i["loss"] for i in infos],
+                "block_loss_rtn": rtn if all(r is not None for r in rtn) else [],
+                "phase_seconds": phase_seconds,
                 **({"block_loss_parts": parts} if parts else {}),
                 "layers_quantized": sum(len(p) for p in plan_by_block.values()),
                 "checkpoint_seconds": round(ctx.units.commit_seconds, 3)}
@@ -307,33 +319,40 @@ class QuantizeStage(Stage):
     def _block(self, ctx: StageContext, index: int, name: str, block: torch.nn.Module, work: "BlockWork"
                ) -> "BlockDone":
         """Quantize one block (on whatever device it is): its targets, the tuning, its quantized outputs, losses."""
-        session, cfg, chains = ctx.session, ctx.cfg, work.chains
+        session, cfg, chains, times = ctx.session, ctx.cfg, work.chains, PhaseTimes()
         torch.manual_seed(block_seed(cfg.quant.seed, index))
         generator = torch.Generator().manual_seed(block_seed(cfg.quant.seed, index))
         shared = to_device(work.shared, module_device(block))
-        target = chains.new("target", work.x_fp)
-        target_side = forward_rows(session.adapter, block, work.src_fp, shared, target, work.writes,
-                                   lambda n, *a: chains.new_shaped(f"target_{n}", *a))
-        release_freed_memory()  # each step's temporaries go back before the next, larger one
+        with times.phase("target_forward"):
+            target = chains.new("target", work.x_fp)
+            target_side = forward_rows(session.adapter, block, work.src_fp, shared, target, work.writes,
+                                       lambda n, *a: chains.new_shaped(f"target_{n}", *a))
+            release_freed_memory()  # each step's temporaries go back before the next, larger one
         weights, tuning = self._quantize_block(ctx, block, name, work.plans, work.src_q, target, shared,
-                                               work.settings, generator, work.bar)
+                                               work.settings, generator, work.bar, times)
         release_freed_memory()
-        out_q = chains.new("output", work.x_q)
-        with fake_quantized(block, name, weights):
-            out_side = forward_rows(session.adapter, block, work.src_q, shared, out_q, work.writes,
-                                    lambda n, *a: chains.new_shaped(f"output_{n}", *a))
+        with times.phase("quantized_forward"):
+            out_q = chains.new("output", work.x_q)
+            with fake_quantized(block, name, weights):
+                out_side = forward_rows(session.adapter, block, work.src_q, shared, out_q, work.writes,
+                                        lambda n, *a: chains.new_shaped(f"output_{n}", *a))
         parts = session.adapter.output_parts(block, shared)
-        loss = mse_rows(out_q, target)
-        tuning["loss_parts"] = {k: mse_rows(out_q, target, sl) for k, sl in parts.items()}
+        with times.phase("losses"):
+            loss = mse_rows(out_q, target)
+            tuning["loss_parts"] = {k: mse_rows(out_q, target, sl) for k, sl in parts.items()}
         rtn_weights = tuning.pop("rtn_weights")
-        loss_rtn, tuning["loss_rtn_parts"] = loss, dict(tuning["loss_parts"])
-        if rtn_weights is not None:
-            out_rtn = chains.new("output_rtn", work.x_q)
-            with fake_quantized(block, name, rtn_weights):
-                forward_rows(session.adapter, block, work.src_q, shared, out_rtn)
-            loss_rtn = mse_rows(out_rtn, target)
-            tuning["loss_rtn_parts"] = {k: mse_rows(out_rtn, target, sl) for k, sl in parts.items()}
-            chains.drop(out_rtn)
+        loss_rtn, tuning["loss_rtn_parts"] = None, {}
+        if tuning.pop("plain_rtn"):  # the weights are RTN's: their loss is RTN's
+            loss_rtn, tuning["loss_rtn_parts"] = loss, dict(tuning["loss_parts"])
+        elif rtn_weights is not None:
+            with times.phase("rtn_forward"):
+                out_rtn = chains.new("output_rtn", work.x_q)
+                with fake_quantized(block, name, rtn_weights):
+                    forward_rows(session.adapter, block, work.src_q, shared, out_rtn)
+                loss_rtn = mse_rows(out_rtn, target)
+                tuning["loss_rtn_parts"] = {k: mse_rows(out_rtn, target, sl) for k, sl in parts.items()}
+                chains.drop(out_rtn)
+        tuning["seconds"] = times.as_dict()
         return BlockDone(weights, tuning, loss, loss_rtn, target, target_side, out_q, out_side)
 
     def _chains(self, ctx: StageContext, chains: ChainRows, start: int) -> Tuple[Rows, Rows]:
@@ -346,18 +365,25 @@ class QuantizeStage(Stage):
 
     def _quantize_block(self, ctx: StageContext, block: torch.nn.Module, block_name: str, plans: List[LayerPlan],
                         x_q: BlockRows, target: Rows, shared: Dict[str, Any], settings: TuneSettings,
-                        generator: torch.Generator, bar: Any) -> Tuple[Dict[str, QuantizedWeight], Dict[str, Any]]:
+                        generator: torch.Generator, bar: Any, times: PhaseTimes
+                        ) -> Tuple[Dict[str, QuantizedWeight], Dict[str, Any]]:
+        """The block's quantized weights, and the tuning record: with `quant.rtn_loss`, RTN's weights for the
+        comparison forward ("rtn_weights"); "plain_rtn" when the weights are RTN's themselves."""
         cfg, adapter = ctx.cfg, ctx.session.adapter
         rel = {p.name: p.name[len(block_name) + 1:] for p in plans}
         device = module_device(block)
         x_q = on_device(x_q, device)  # rows travel to the block's device a mini-batch at a time
 
-        def rtn_weights() -> Dict[str, QuantizedWeight]:
-            """Plain RTN codes (the weights do not change while tuning, so these are the same before and after);
-            made after tuning so that they are not held through it."""
-            codes = {p.name: quantize_rtn(get_module(block, rel[p.name]).weight.detach().float(),
-                                          layer_scheme(p)).to(HOST) for p in plans}
-            release_freed_memory()
+        def rtn_weights() -> Optional[Dict[str, QuantizedWeight]]:
+            """Plain RTN codes for the comparison forward, on request (`quant.rtn_loss`): the weights do not change
+            while tuning, so these are the same before and after; made after tuning so that they are not held
+            through it."""
+            if not cfg.quant.rtn_loss:
+                return None
+            with times.phase("rtn_codes"):
+                codes = {p.name: quantize_rtn(get_module(block, rel[p.name]).weight.detach().float(),
+                                              layer_scheme(p)).to(HOST) for p in plans}
+                release_freed_memory()
             return codes
 
         if settings.iters > 0:
@@ -374,6 +400,7 @@ class QuantizeStage(Stage):
                 try:
                     result = tune_block(block, layers, x_q, compared, forward, settings,
                                         torch.Generator().manual_seed(seed), progress)
+                    times.merge(result.phases, prefix="tune.")
                     break
                 except torch.OutOfMemoryError as err:
                     smaller = smaller_micro_batch(settings)
@@ -386,7 +413,7 @@ class QuantizeStage(Stage):
                     retries.append({"micro_batch": settings.batch_size, "retry_micro_batch": smaller.batch_size})
                     settings = smaller
             weights = {f"{block_name}.{k}": v.to(HOST) for k, v in result.weights.items()}
-            return weights, {"rtn_weights": rtn_weights(), "best_iter": result.best_iter,
+            return weights, {"rtn_weights": rtn_weights(), "plain_rtn": False, "best_iter": result.best_iter,
                              "first_loss": result.first_loss, "best_loss": result.best_loss,
                              "tune_seconds": round(result.seconds, 3), "oom_retries": retries}
         if cfg.quant.opt_rtn:
@@ -397,8 +424,11 @@ class QuantizeStage(Stage):
             weights = {n: quantize_weighted_rtn(m.weight.detach().float(), layer_scheme(p),
                                                 collector.importance[n]).to(HOST)
                        for (n, m), p in zip(modules.items(), plans)}
-            return weights, {"rtn_weights": rtn_weights()}
-        return rtn_weights(), {"rtn_weights": None}
+            return weights, {"rtn_weights": rtn_weights(), "plain_rtn": False}
+        with times.phase("rtn_codes"):
+            codes = {p.name: quantize_rtn(get_module(block, rel[p.name]).weight.detach().float(),
+                                          layer_scheme(p)).to(HOST) for p in plans}
+        return codes, {"rtn_weights": None, "plain_rtn": True}
 
 
 def tuning_pair(adapter: Any, block: torch.nn.Module, shared: Dict[str, Any], cfg: Any, target: Any
