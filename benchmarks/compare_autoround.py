@@ -13,7 +13,11 @@ For every configuration (e.g. ``w4a16`` and ``w2a16g64``):
 Peak RSS is each child's own ``ru_maxrss`` (from ``os.wait4``); the quantize time is qrunner's
 ``quantize`` stage time and the duration of auto-round's ``quantize()`` call.
 
-    python benchmarks/compare_autoround.py --iters 200 --nsamples 32 --seqlen 256 --schemes w4a16,w2a16g64
+    python benchmarks/compare_autoround.py --iters 200 --nsamples 32,128 --seqlen 256 --schemes w4a16,w2a16g64
+
+Every scheme runs at every sample count (``--nsamples 32,128``: four configurations), the tools alternating
+(qrunner, auto-round, qrunner, ...). ``--qrunner-variants default,compile`` adds a second qrunner run per
+configuration with ``quant.compile=true`` (its time and perplexity in their own columns).
 
 Writes ``compare_autoround.json`` and ``compare_autoround.md`` in ``--out``.
 """
@@ -53,11 +57,11 @@ class Config:
 
     @property
     def label(self) -> str:
-        return f"W{self.bits}A16 g{self.group_size}"
+        return f"W{self.bits}A16 g{self.group_size}, {self.nsamples} samples"
 
     @property
     def slug(self) -> str:
-        return f"w{self.bits}a16g{self.group_size}"
+        return f"w{self.bits}a16g{self.group_size}n{self.nsamples}"
 
 
 @dataclass
@@ -102,7 +106,10 @@ def run_measured(cmd: List[str], log_prefix: Path) -> ChildRun:
                     [load_before, os.getloadavg()[0]], out, err)
 
 
-def run_qrunner(cfg: Config, root: Path) -> Dict[str, Any]:
+VARIANTS = {"default": [], "compile": ["quant.compile=true"]}
+
+
+def run_qrunner(cfg: Config, root: Path, extra: List[str] = ()) -> Dict[str, Any]:
     """qrunner in its own process; returns its report's figures and where its samples and export are."""
     from qrunner.stages.data import SAMPLES
 
@@ -112,7 +119,7 @@ def run_qrunner(cfg: Config, root: Path) -> Dict[str, Any]:
            f"quant.iters={cfg.iters}", f"quant.batch_size={BATCH_SIZE}", f"quant.seed={SEED}",
            "quant.amp_bf16=false", "quant.compile=false", "quant.rtn_loss=false", "model.compute_dtype=float32",
            f"data.nsamples={cfg.nsamples}", f"data.seqlen={cfg.seqlen}", f"data.seed={SEED}",
-           f"eval.seqlen={cfg.seqlen}", "eval.nsamples=0", f"device={cfg.device}"]
+           f"eval.seqlen={cfg.seqlen}", "eval.nsamples=0", f"device={cfg.device}", *extra]
     child = run_measured(cmd, root / "qrunner")
     child.check(f"qrunner ({cfg.label})")
     reports = sorted(root.glob("demo/*/report.json"))
@@ -128,7 +135,8 @@ def run_qrunner(cfg: Config, root: Path) -> Dict[str, Any]:
             "process_wall_seconds": round(child.wall_seconds, 2), "peak_rss_mb": round(child.peak_rss_mb, 1),
             "load_avg_1min": child.load_avg, "ppl_original_own": report["quality"].get("ppl_original"),
             "ppl_quantized_own": report["quality"].get("ppl_quantized"),
-            "peak_vram_mb": (stages["quantize"].get("peak_vram_mb") or {}).get("allocated_mb")}
+            "peak_vram_mb": (stages["quantize"].get("peak_vram_mb") or {}).get("allocated_mb"),
+            "phase_seconds": stages["quantize"].get("metrics", {}).get("phase_seconds")}
 
 
 def run_autoround(cfg: Config, model: Path, samples: Path, work: Path) -> Dict[str, Any]:
@@ -218,19 +226,27 @@ def ratio(a: float, b: float) -> float:
     return round(a / b, 4)
 
 
-def compare(cfg: Config, model: Path, work: Path, windows: Any) -> Dict[str, Any]:
-    """Both tools on one configuration, then both checkpoints scored on the same windows."""
-    qdir, adir = work / f"{cfg.slug}-qrunner", work / f"{cfg.slug}-autoround"
-    qdir.mkdir(parents=True)
+def compare(cfg: Config, model: Path, work: Path, windows: Any, variants: List[str] = ("default",)
+            ) -> Dict[str, Any]:
+    """Both tools on one configuration (qrunner first, in each of `variants`), then every checkpoint scored on the
+    same windows."""
+    adir = work / f"{cfg.slug}-autoround"
     adir.mkdir(parents=True)
-    print(f"[{cfg.label}] qrunner ...", flush=True)
-    q = run_qrunner(cfg, qdir)
+    runs: Dict[str, Dict[str, Any]] = {}
+    for variant in variants:
+        qdir = work / f"{cfg.slug}-qrunner" / variant
+        qdir.mkdir(parents=True)
+        print(f"[{cfg.label}] qrunner ({variant}) ...", flush=True)
+        runs[variant] = run_qrunner(cfg, qdir, VARIANTS[variant])
+    q = runs[variants[0]]
     print(f"[{cfg.label}] auto-round ...", flush=True)
     a = run_autoround(cfg, model, Path(q["samples"]), adir)
-    print(f"[{cfg.label}] perplexity of both checkpoints ...", flush=True)
-    q["ppl"] = checkpoint_perplexity(q["export_dir"], windows)
+    print(f"[{cfg.label}] perplexity of the checkpoints ...", flush=True)
+    for run in runs.values():
+        run["ppl"] = checkpoint_perplexity(run["export_dir"], windows)
     a["ppl"] = checkpoint_perplexity(a["export_dir"], windows)
     return {"config": asdict(cfg), "label": cfg.label, "qrunner": q, "autoround": a,
+            "qrunner_variants": {v: r for v, r in runs.items() if v != variants[0]},
             "ratio_qrunner_over_autoround": {"ppl": ratio(q["ppl"], a["ppl"]),
                                              "quantize_seconds": ratio(q["quantize_seconds"], a["quantize_seconds"]),
                                              "peak_rss_mb": ratio(q["peak_rss_mb"], a["peak_rss_mb"])}}
@@ -256,6 +272,17 @@ def markdown(rows: List[Dict[str, Any]], meta: Dict[str, Any]) -> str:
         lines.append(f"| {r['label']} | {q['ppl_original_own']:.3f} | {q['ppl']:.3f} | {a['ppl']:.3f} | {x['ppl']:.4f} "
                      f"| {q['quantize_seconds']:.1f} | {a['quantize_seconds']:.1f} | {x['quantize_seconds']:.2f} "
                      f"| {q['peak_rss_mb']:.0f} | {a['peak_rss_mb']:.0f} | {x['peak_rss_mb']:.2f} |")
+    extra = sorted({v for r in rows for v in r.get("qrunner_variants", {})})
+    if extra:
+        lines += ["", "Other qrunner variants (same windows, the same auto-round run):", "",
+                  "| config | variant | ppl | ppl / auto-round | quantize s | time / auto-round | peak RSS MB |",
+                  "|---|---|---:|---:|---:|---:|---:|"]
+        for r in rows:
+            for variant, v in r.get("qrunner_variants", {}).items():
+                a = r["autoround"]
+                lines.append(f"| {r['label']} | {variant} | {v['ppl']:.3f} | {ratio(v['ppl'], a['ppl']):.4f} "
+                             f"| {v['quantize_seconds']:.1f} | {ratio(v['quantize_seconds'], a['quantize_seconds']):.2f} "
+                             f"| {v['peak_rss_mb']:.0f} |")
     lines += ["", "ppl FP: the unquantized model, from qrunner's own evaluation. q/a: qrunner divided by auto-round "
               "(below 1 favours qrunner). Quantize time: qrunner's `quantize` stage (block tuning; the `capture` "
               "stage is in the JSON) vs auto-round's `quantize()` call (input caching included). Peak RSS: each "
@@ -269,7 +296,9 @@ def markdown(rows: List[Dict[str, Any]], meta: Dict[str, Any]) -> str:
 
 
 def max_load(rows: List[Dict[str, Any]]) -> float:
-    return max(v for r in rows for side in ("qrunner", "autoround") for v in r[side]["load_avg_1min"])
+    runs = [r[side] for r in rows for side in ("qrunner", "autoround")]
+    runs += [v for r in rows for v in r.get("qrunner_variants", {}).values()]
+    return max(v for run in runs for v in run["load_avg_1min"])
 
 
 def environment() -> Dict[str, Any]:
@@ -289,7 +318,9 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     p.add_argument("--bits", type=int, help="run the single configuration w{bits}a16 g{group-size} instead")
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--iters", type=int, default=200)
-    p.add_argument("--nsamples", type=int, default=32)
+    p.add_argument("--nsamples", default="32", help="comma-separated sample counts, e.g. 32,128")
+    p.add_argument("--qrunner-variants", default="default",
+                   help=f"comma-separated qrunner runs per configuration: {', '.join(VARIANTS)} (the first is compared)")
     p.add_argument("--seqlen", type=int, default=256)
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     p.add_argument("--work", type=Path, help="keep run dirs, exports and child logs here (default: a temp dir)")
@@ -310,7 +341,12 @@ def main(argv: List[str]) -> None:
     from qrunner._paths import asset
 
     pairs = [(args.bits, args.group_size)] if args.bits else parse_schemes(args.schemes, args.group_size)
-    configs = [Config(b, g, args.iters, args.nsamples, args.seqlen, args.device) for b, g in pairs]
+    counts = [int(n) for n in str(args.nsamples).split(",") if n.strip()]
+    variants = [v.strip() for v in args.qrunner_variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown or not variants:
+        raise SystemExit(f"compare_autoround: unknown qrunner variant(s) {unknown}; choose from {sorted(VARIANTS)}")
+    configs = [Config(b, g, args.iters, n, args.seqlen, args.device) for n in counts for b, g in pairs]
     model = asset("demo-llama")
     windows = heldout_windows(AutoTokenizer.from_pretrained(str(model)), args.seqlen)
     meta = {**environment(), "iters": args.iters, "nsamples": args.nsamples, "seqlen": args.seqlen,
@@ -318,7 +354,7 @@ def main(argv: List[str]) -> None:
             "device": args.device}
     with tempfile.TemporaryDirectory(prefix="compare_autoround-") as tmp:
         work = args.work.resolve() if args.work else Path(tmp)
-        rows = [compare(cfg, model, work, windows) for cfg in configs]
+        rows = [compare(cfg, model, work, windows, variants) for cfg in configs]
     args.out.mkdir(parents=True, exist_ok=True)
     name = "compare_autoround" if args.device == "cpu" else f"compare_autoround_{args.device.split(':')[0]}"
     (args.out / f"{name}.json").write_text(json.dumps({"settings": meta, "results": rows}, indent=2) + "\n")

@@ -45,8 +45,9 @@ def _codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, v: torch.Te
     return q.clamp_(lo, hi)
 
 
-def _dequantized(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, sym: bool) -> torch.Tensor:
-    return scale * q if sym else scale * (q - zero)
+def _dequantize_(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, sym: bool) -> torch.Tensor:
+    """``scale * (q - zero)``, in place of ``q``."""
+    return q.mul_(scale) if sym else q.sub_(zero).mul_(scale)
 
 
 def _grouped(weight: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -62,16 +63,23 @@ def _to_matrix(t: torch.Tensor, in_features: int) -> torch.Tensor:
 
 
 class _FakeQuantLinearFn(torch.autograd.Function):
+    """Both passes work in place where they can: a layer's transient memory is about 13 bytes a weight (the
+    scaled weight, the codes, the clamp's mask and dL/dw_hat), one layer at a time."""
+
     @staticmethod
     def forward(ctx, x, weight, v, scale, zero, bias, lo, hi, sym, shape, codes_out):
         in_features, weight_dtype = weight.shape[1], weight.dtype
         with torch.no_grad():
             q = _codes(_grouped(weight, shape), scale, zero, v, lo, hi, sym)
             if codes_out is not None:  # unsigned codes: sym shifts by 2**(bits-1), asym codes are already unsigned
-                codes_out.copy_(_to_matrix(q - lo if sym else q, in_features))
-            w_hat = _to_matrix(_dequantized(q, scale, zero, sym), in_features).to(weight_dtype)
-            del q
+                if sym:
+                    q -= lo  # small integers: exact both ways
+                codes_out.copy_(_to_matrix(q, in_features))
+                if sym:
+                    q += lo
+            w_hat = _to_matrix(_dequantize_(q, scale, zero, sym), in_features).to(weight_dtype)
             out = F.linear(x, w_hat, bias)
+            del q, w_hat
         ctx.save_for_backward(x, weight, v, scale, zero, bias)
         ctx.grid = (lo, hi, sym, shape)
         ctx.autocast = (x.device.type, torch.is_autocast_enabled(x.device.type),
@@ -86,32 +94,34 @@ class _FakeQuantLinearFn(torch.autograd.Function):
         device_type, autocast_on, autocast_dtype = ctx.autocast
         needs_x, _, needs_v, needs_scale, needs_zero, needs_bias = ctx.needs_input_grad[:6]
         with torch.no_grad():
-            w = _grouped(weight, shape)
-            ws = w / scale
-            t = ws + v
-            r = torch.round(t)
+            ws = _grouped(weight, shape) / scale
+            q = ws + v
+            q.round_()
             if not sym:
-                r += zero
-            inside = (r >= lo) & (r <= hi)  # where the clamp passes the gradient
-            q = r.clamp_(lo, hi)
-            del t, w
-            w_hat = _to_matrix(_dequantized(q, scale, zero, sym), in_features).to(weight_dtype)
+                q += zero
+            inside = (q >= lo) & (q <= hi)  # where the clamp passes the gradient
+            q.clamp_(lo, hi)
+            w_hat = _to_matrix(_dequantize_(q.clone(), scale, zero, sym), in_features).to(weight_dtype)
             g2 = grad_out.reshape(-1, grad_out.shape[-1])
-            x2 = x.reshape(-1, x.shape[-1])
             with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_on):
-                grad_x = (grad_out.matmul(w_hat) if needs_x else None)
-                grad_w_hat = g2.t().mm(x2)
+                grad_x = grad_out.matmul(w_hat) if needs_x else None
+                grad_w_hat = g2.t().mm(x.reshape(-1, x.shape[-1]))
             del w_hat
             grad_w_hat = _grouped(grad_w_hat, shape)
-            grad_q = grad_w_hat * scale
-            grad_t = torch.where(inside, grad_q, 0.0)
-            del inside
-            grad_scale = grad_zero = None
-            if needs_scale:
-                grad_scale = (grad_w_hat * (q if sym else q - zero)).sum(-1, keepdim=True)
-                grad_scale += (-grad_t * (ws / scale)).sum(-1, keepdim=True)
+            grad_scale = grad_zero = grad_q_sum = None
+            if needs_scale:  # dL/dscale through w_hat = scale * (q - zero)
+                grad_scale = (q if sym else q.sub_(zero)).mul_(grad_w_hat).sum(-1, keepdim=True)
+            del q
+            grad_t = grad_w_hat.mul_(scale)  # dL/dq, then (masked) dL/dv
             if needs_zero and not sym:
-                grad_zero = grad_t.sum(-1, keepdim=True) - grad_q.sum(-1, keepdim=True)
+                grad_q_sum = grad_t.sum(-1, keepdim=True)
+            grad_t.masked_fill_(inside.logical_not_(), 0.0)
+            del inside
+            if grad_q_sum is not None:  # zero enters q (through the clamp) and w_hat (directly)
+                grad_zero = grad_t.sum(-1, keepdim=True) - grad_q_sum
+            if needs_scale:  # ... and through w / scale: -dL/dv * (w / scale) / scale
+                grad_scale -= ws.div_(scale).mul_(grad_t).sum(-1, keepdim=True)
+            del ws
             grad_v = grad_t if needs_v else None
             grad_bias = g2.sum(0).to(bias.dtype) if needs_bias and bias is not None else None
         if grad_x is not None:

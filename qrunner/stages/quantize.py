@@ -25,7 +25,7 @@ from qrunner.memory.activations import ActivationFile, BlockRows, Rows, TokenSli
 from qrunner.memory.device import (HOST, begin_block_peak, block_peak_vram_mb, on_device, placed, release_device,
                                    to_device)
 from qrunner.memory.monitor import current_rss_mb
-from qrunner.memory.trim import release_freed_memory
+from qrunner.memory.trim import keep_freed_memory, release_freed_memory
 from qrunner.pipeline.atomic import remove_tree
 from qrunner.models.adapter import HIDDEN, LayerPlan, get_module
 from qrunner.models.block_io import load_block_inputs
@@ -296,7 +296,8 @@ class QuantizeStage(Stage):
         for device in dict.fromkeys([ctx.session.device, HOST]):
             try:
                 begin_block_peak(device)
-                with placed(block, device):
+                # the block's loops free and allocate the same sizes over and over: they reuse the freed pages
+                with placed(block, device), keep_freed_memory():
                     done = self._block(ctx, index, name, block, work)
                 done.tuning["device"] = str(device)
                 vram = block_peak_vram_mb(device)
