@@ -12,7 +12,8 @@ them over the blocks.
 ``--variant checkpointed`` runs the same code with the fake-quantized linears as they were before issue 18:
 autograd through ``quant_dequant`` under activation checkpointing (the layer's matmul runs again in the
 backward pass), the best iteration re-quantized from its parameters instead of taken from the forward's
-codes, and the RTN-comparison forward on (``quant.rtn_loss=true``). It is applied by a ``sitecustomize``
+codes, glibc's heap trimmed after every big free inside the block's loops, and the RTN-comparison forward on
+(``quant.rtn_loss=true``). It is applied by a ``sitecustomize``
 module on the children's ``PYTHONPATH`` (``benchmarks/_checkpointed_tuning``), so qrunner's code is unchanged.
 
 Writes ``tuning_breakdown[_<variant>].json`` and ``.md`` to ``--out``.

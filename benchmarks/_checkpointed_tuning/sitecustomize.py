@@ -3,8 +3,8 @@
 Put on ``PYTHONPATH``, this module patches qrunner when (and only when) its modules are imported, so that
 importing it does not load torch early: the fake-quantized linears run autograd through ``quant_dequant``
 under activation checkpointing (the forward's matmul again in the backward pass), the best iteration is
-quantized again from its parameters, and every block's ``unit.json`` is marked ``tuning_variant:
-checkpointed``. Not part of qrunner; benchmarks only.
+quantized again from its parameters, the block's loops leave glibc's heap trimming as it is (no
+``keep_freed_memory``), and every block's ``unit.json`` is marked ``tuning_variant: checkpointed``. Not part of qrunner; benchmarks only.
 """
 from __future__ import annotations
 
@@ -34,6 +34,9 @@ def _patch_fake_quant(module) -> None:
 
 
 def _patch_quantize(module) -> None:
+    import contextlib
+
+    module.keep_freed_memory = lambda: contextlib.nullcontext(False)  # glibc's trimming, as before issue 18
     original = module.QuantizeStage._quantize_block
 
     def quantize_block(self, *args, **kwargs):

@@ -13,8 +13,8 @@ cost 40-80 % in time. `prefer_huge_pages` sets it for the process before torch i
 A tuning loop is the opposite case: every iteration allocates and frees the same tensors (a micro-batch's
 activations, each layer's recomputed fake-quantization). With glibc's defaults the heap top is trimmed after each
 iteration and the next one faults the same pages back in, zeroed (~5,000 faults, 20 MB, an iteration on the demo
-model at 128 samples: 10-16 % of its time). `keep_freed_memory` holds freed memory in the heap for the loop's
-duration and gives it back after.
+model at 128 samples: 6-10 % of its time, benchmarks/tuning_ab.py). `keep_freed_memory` holds freed memory in the
+heap for the loop's duration and gives it back after.
 """
 from __future__ import annotations
 
