@@ -63,8 +63,8 @@ def _to_matrix(t: torch.Tensor, in_features: int) -> torch.Tensor:
 
 
 class _FakeQuantLinearFn(torch.autograd.Function):
-    """Both passes work in place where they can: a layer's transient memory is about 13 bytes a weight (the
-    scaled weight, the codes, the clamp's mask and dL/dw_hat), one layer at a time."""
+    """Both passes work in place where they can: a layer's transient memory is 13-17 bytes a weight (the scaled
+    weight, the codes, the clamp's mask and dL/dw_hat, plus w_hat during the matmuls), one layer at a time."""
 
     @staticmethod
     def forward(ctx, x, weight, v, scale, zero, bias, lo, hi, sym, shape, codes_out):
