@@ -375,16 +375,19 @@ class QuantizeStage(Stage):
         device = module_device(block)
         x_q = on_device(x_q, device)  # rows travel to the block's device a mini-batch at a time
 
+        def rtn_codes() -> Dict[str, QuantizedWeight]:
+            with times.phase("rtn_codes"):
+                return {p.name: quantize_rtn(get_module(block, rel[p.name]).weight.detach().float(),
+                                             layer_scheme(p)).to(HOST) for p in plans}
+
         def rtn_weights() -> Optional[Dict[str, QuantizedWeight]]:
             """Plain RTN codes for the comparison forward, on request (`quant.rtn_loss`): the weights do not change
             while tuning, so these are the same before and after; made after tuning so that they are not held
             through it."""
             if not cfg.quant.rtn_loss:
                 return None
-            with times.phase("rtn_codes"):
-                codes = {p.name: quantize_rtn(get_module(block, rel[p.name]).weight.detach().float(),
-                                              layer_scheme(p)).to(HOST) for p in plans}
-                release_freed_memory()
+            codes = rtn_codes()
+            release_freed_memory()
             return codes
 
         if settings.iters > 0:
@@ -426,10 +429,7 @@ class QuantizeStage(Stage):
                                                 collector.importance[n]).to(HOST)
                        for (n, m), p in zip(modules.items(), plans)}
             return weights, {"rtn_weights": rtn_weights(), "plain_rtn": False}
-        with times.phase("rtn_codes"):
-            codes = {p.name: quantize_rtn(get_module(block, rel[p.name]).weight.detach().float(),
-                                          layer_scheme(p)).to(HOST) for p in plans}
-        return codes, {"rtn_weights": None, "plain_rtn": True}
+        return rtn_codes(), {"rtn_weights": None, "plain_rtn": True}
 
 
 def tuning_pair(adapter: Any, block: torch.nn.Module, shared: Dict[str, Any], cfg: Any, target: Any
