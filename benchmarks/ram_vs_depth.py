@@ -40,6 +40,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from real_scale import check_export, find_export, shape_targets  # noqa: E402
 CORPUS = REPO / "qrunner" / "assets" / "corpus"
 MiB = 1024 * 1024
 SHARD_BYTES = 1_000_000_000  # max shard size (~1 GB)
@@ -57,14 +59,21 @@ BASELINE_CODE = "import torch, transformers, qrunner.cli, qrunner.stages"
 # checkpoints
 # --------------------------------------------------------------------------------------------------
 
-def llama_config(hidden: int, intermediate: int, vocab: int, depth: int, bos: int = 0, eos: int = 0):
+def _heads(hidden: int, heads: Optional[int], kv_heads: Optional[int]) -> Tuple[int, int]:
+    """Attention heads (128 wide unless given) and KV heads (a quarter of them unless given)."""
+    heads = heads or max(1, hidden // 128)
+    kv = kv_heads or max(1, heads // 4)
+    while heads % kv:
+        kv -= 1
+    return heads, kv
+
+
+def llama_config(hidden: int, intermediate: int, vocab: int, depth: int, bos: int = 0, eos: int = 0,
+                 heads: Optional[int] = None, kv_heads: Optional[int] = None):
     """The LlamaConfig of one benchmark checkpoint: 128-wide heads, grouped KV heads, untied embeddings."""
     import transformers
 
-    heads = max(1, hidden // 128)
-    kv_heads = max(1, heads // 4)
-    while heads % kv_heads:
-        kv_heads -= 1
+    heads, kv_heads = _heads(hidden, heads, kv_heads)
     return transformers.LlamaConfig(
         hidden_size=hidden, intermediate_size=intermediate, vocab_size=vocab, num_hidden_layers=depth,
         num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=hidden // heads,
@@ -72,13 +81,25 @@ def llama_config(hidden: int, intermediate: int, vocab: int, depth: int, bos: in
         torch_dtype="bfloat16")
 
 
-def gemma4_config(hidden: int, intermediate: int, vocab: int, depth: int, bos: int = 0, eos: int = 0):
+def qwen2_config(hidden: int, intermediate: int, vocab: int, depth: int, bos: int = 0, eos: int = 0,
+                 heads: Optional[int] = None, kv_heads: Optional[int] = None):
+    """A Qwen2Config (biased q/k/v projections, grouped KV heads, untied embeddings)."""
+    import transformers
+
+    heads, kv_heads = _heads(hidden, heads, kv_heads)
+    return transformers.Qwen2Config(
+        hidden_size=hidden, intermediate_size=intermediate, vocab_size=vocab, num_hidden_layers=depth,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=4096,
+        tie_word_embeddings=False, bos_token_id=bos, eos_token_id=eos, torch_dtype="bfloat16")
+
+
+def gemma4_config(hidden: int, intermediate: int, vocab: int, depth: int, bos: int = 0, eos: int = 0,
+                  heads: Optional[int] = None, kv_heads: Optional[int] = None):
     """A Gemma4TextConfig with per-layer inputs (256 per layer) and KV sharing (the last quarter of the layers
     reuse keys/values), sliding and full attention alternating, untied embeddings."""
     import transformers
 
-    heads = max(1, hidden // 128)
-    kv_heads = max(1, heads // 4)
+    heads, kv_heads = _heads(hidden, heads, kv_heads)
     return transformers.Gemma4TextConfig(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=depth,
         num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=hidden // heads,
@@ -88,7 +109,15 @@ def gemma4_config(hidden: int, intermediate: int, vocab: int, depth: int, bos: i
         tie_word_embeddings=False, bos_token_id=bos, eos_token_id=eos, pad_token_id=eos, dtype="bfloat16")
 
 
-ARCHS = {"llama": llama_config, "gemma4": gemma4_config}
+ARCHS = {"llama": llama_config, "qwen2": qwen2_config, "gemma4": gemma4_config}
+
+# real models' shapes (--shape): their configs' sizes, random weights; the depths default to the full model
+SHAPES: Dict[str, Dict[str, Any]] = {
+    "llama-3.1-8b": dict(arch="llama", hidden=4096, intermediate=14336, vocab=128256, heads=32, kv_heads=8,
+                         depths=[8, 32]),
+    "qwen2.5-14b": dict(arch="qwen2", hidden=5120, intermediate=13824, vocab=152064, heads=40, kv_heads=8,
+                        depths=[48]),
+}
 
 
 def build_tokenizer(vocab: int):
@@ -155,12 +184,15 @@ def random_tensor(name: str, shape: Tuple[int, ...], generator):
     return (torch.randn(shape, generator=generator, dtype=torch.float32) * 0.02).to(torch.bfloat16)
 
 
-def checkpoint_key(hidden: int, intermediate: int, vocab: int, depth: int, arch: str = "llama") -> str:
-    return f"{arch}-h{hidden}-i{intermediate}-v{vocab}-d{depth}"
+def checkpoint_key(hidden: int, intermediate: int, vocab: int, depth: int, arch: str = "llama",
+                   heads: Optional[int] = None, kv_heads: Optional[int] = None) -> str:
+    shape = f"-a{heads}-kv{kv_heads}" if heads or kv_heads else ""
+    return f"{arch}-h{hidden}-i{intermediate}-v{vocab}{shape}-d{depth}"
 
 
 def build_checkpoint(models_dir: Path, hidden: int, intermediate: int, vocab: int, depth: int,
-                     seed: int = 0, arch: str = "llama") -> Path:
+                     seed: int = 0, arch: str = "llama", heads: Optional[int] = None,
+                     kv_heads: Optional[int] = None) -> Path:
     """Write (or reuse) a random-weight bf16 checkpoint of `arch` (llama, gemma4); returns its folder.
 
     Tensors are generated and written one shard at a time, so the builder's RAM stays around one shard.
@@ -170,7 +202,7 @@ def build_checkpoint(models_dir: Path, hidden: int, intermediate: int, vocab: in
     import torch
     from safetensors.torch import save_file
 
-    final = models_dir / checkpoint_key(hidden, intermediate, vocab, depth, arch)
+    final = models_dir / checkpoint_key(hidden, intermediate, vocab, depth, arch, heads, kv_heads)
     if (final / "model.safetensors.index.json").is_file() and (final / "config.json").is_file():
         return final
     tmp = models_dir / (final.name + f".partial-{os.getpid()}")
@@ -178,7 +210,7 @@ def build_checkpoint(models_dir: Path, hidden: int, intermediate: int, vocab: in
     tmp.mkdir(parents=True)
     tokenizer = build_tokenizer(vocab)
     eos = tokenizer.eos_token_id
-    config = ARCHS[arch](hidden, intermediate, vocab, depth, bos=eos, eos=eos)
+    config = ARCHS[arch](hidden, intermediate, vocab, depth, bos=eos, eos=eos, heads=heads, kv_heads=kv_heads)
     specs = tensor_specs(config)
     shapes = dict(specs)
     shards = plan_shards(specs)
@@ -276,7 +308,7 @@ def qrunner_command(ckpt: Path, mode: str, run_root: Path, args: argparse.Namesp
             "run.fresh=true", "run.show_progress=false", f"quant.iters={args.iters}",
             f"data.nsamples={args.nsamples}", f"data.seqlen={args.seqlen}", "scheme.group_size=128",
             "eval.enabled=true", f"eval.nsamples={args.eval_nsamples}", f"eval.seqlen={args.eval_seqlen}",
-            *([f"family={args.arch}"] if getattr(args, "arch", "llama") != "llama" else []), *args.set]
+            *([f"family={args.arch}"] if getattr(args, "arch", "llama") == "gemma4" else []), *args.set]
 
 
 def read_report(run_root: Path) -> Optional[Dict[str, Any]]:
@@ -302,6 +334,9 @@ def run_qrunner(ckpt: Path, mode: str, depth: int, args: argparse.Namespace) -> 
                      run_root, args.timeout)
     result.update(mode=mode, depth=depth, tool="qrunner")
     result.update(read_report(run_root) or {})
+    export = find_export(run_root)
+    if args.shape and result["returncode"] == 0 and export is not None:
+        result["export_check"] = check_export(ckpt, export, depth)
     if not args.keep_runs:
         shutil.rmtree(run_root, ignore_errors=True)
     return result
@@ -443,7 +478,9 @@ def markdown(data: Dict[str, Any]) -> str:
         "# qrunner: peak RSS vs model depth",
         "",
         f"- command: `{data['command']}`",
-        f"- model: random-weight {a.get('arch', 'llama')}, hidden {a['hidden']}, intermediate {a['intermediate']}, vocab {a['vocab']}, "
+        f"- model: random-weight {a.get('arch', 'llama')}"
+        + (f" with {a['shape']}'s shape (heads {a.get('heads')}, KV heads {a.get('kv_heads')})" if a.get("shape") else "")
+        + f", hidden {a['hidden']}, intermediate {a['intermediate']}, vocab {a['vocab']}, "
         f"bf16 safetensors (shards <= 1 GB); depths {', '.join(map(str, depths))}",
         f"- qrunner: W4A16 group 128, quant.iters={a['iters']}, data.nsamples={a['nsamples']}, "
         f"data.seqlen={a['seqlen']}, eval on (eval.nsamples={a['eval_nsamples']}, eval.seqlen={a['eval_seqlen']})"
@@ -500,6 +537,25 @@ def markdown(data: Dict[str, Any]) -> str:
                      for s in stage_names]
             lines.append(f"| {r['mode']} | {r['depth']} | {r['wall_s']:.1f} | " + " | ".join(cells)
                          + f" | {fmt(r.get('report_peak_rss_mb'))} |")
+    checks = [r for r in runs if r.get("export_check")]
+    if checks:
+        lines += ["", "## Export against the source (dequantized AutoRound layers vs the bf16 weights)", "",
+                  "| run | layer | shape | max error (quantization steps) | relative RMS error |",
+                  "|---|---|---|---:|---:|"]
+        for r in checks:
+            for x in r["export_check"]["layers"]:
+                lines.append(f"| {r['mode']} d{r['depth']} | {x['layer']} | {x['shape'][0]}x{x['shape'][1]} | "
+                             f"{x['max_error_in_steps']:.3f} | {x['rel_rms_error']:.4f} |")
+    predicted = [r for r in runs if ((r.get("memory") or {}).get("predicted_peak_mb") or {}).get(r["mode"])]
+    if predicted:
+        lines += ["", "## memory=auto's predicted peaks vs measured (MiB)", "",
+                  "| run | predicted high | predicted medium | predicted low | measured | error of the run's mode |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for r in predicted:
+            pm = r["memory"]["predicted_peak_mb"]
+            off = 100.0 * (pm[r["mode"]] - r["peak_rss_mb"]) / r["peak_rss_mb"] if r.get("peak_rss_mb") else None
+            lines.append(f"| {r['mode']} d{r['depth']} | {fmt(pm.get('high'))} | {fmt(pm.get('medium'))} | "
+                         f"{fmt(pm.get('low'))} | {fmt(r.get('peak_rss_mb'))} | {fmt(off, '+.1f', ' %')} |")
     failed = [r for r in runs if r["returncode"]]
     if failed:
         lines += ["", "## Failed runs", ""]
@@ -558,7 +614,8 @@ def write_outputs(data: Dict[str, Any], out: Path) -> None:
     ckpts = {int(k): v for k, v in data["checkpoints"].items()}
     data["summary"] = summarize(data["runs"], data["baseline"]["peak_rss_mb"], ckpts, data["modes_measured"],
                                 data["args"]["depths"])
-    data["targets"] = evaluate_targets(data["summary"], ckpts, data["args"]["depths"])
+    data["targets"] = (shape_targets(data) if data["args"].get("shape")
+                       else evaluate_targets(data["summary"], ckpts, data["args"]["depths"]))
     data["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     out.mkdir(parents=True, exist_ok=True)
     (out / "ram_vs_depth.json").write_text(json.dumps(data, indent=1, default=str) + "\n")
@@ -577,12 +634,17 @@ def int_list(text: str) -> List[int]:
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--shape", choices=sorted(SHAPES),
+                   help="a real model's sizes (sets --arch, --hidden, --intermediate, --vocab, the heads and, "
+                        "unless given, --depths)")
+    p.add_argument("--heads", type=int, help="attention heads (default hidden / 128)")
+    p.add_argument("--kv-heads", type=int, help="KV heads (default a quarter of the heads)")
     p.add_argument("--arch", choices=sorted(ARCHS), default="llama",
                    help="gemma4: per-layer inputs + KV sharing (run with family=gemma4)")
     p.add_argument("--hidden", type=int, default=2048)
     p.add_argument("--intermediate", type=int, default=5632)
     p.add_argument("--vocab", type=int, default=32000)
-    p.add_argument("--depths", type=int_list, default=[4, 8, 16, 32], help="comma-separated")
+    p.add_argument("--depths", type=int_list, help="comma-separated (default 4,8,16,32, or the --shape's)")
     p.add_argument("--modes", type=lambda s: [m for m in s.split(",") if m], default=["high", "medium", "low"],
                    help="comma-separated qrunner memory modes")
     p.add_argument("--iters", type=int, default=2, help="quant.iters")
@@ -600,7 +662,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=3600, help="seconds per run")
     p.add_argument("--keep-runs", action="store_true", help="keep each run's output folder")
     p.add_argument("--autoround-child", metavar="CKPT", help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.shape:
+        shape = SHAPES[args.shape]
+        for key in ("arch", "hidden", "intermediate", "vocab", "heads", "kv_heads"):
+            setattr(args, key, shape[key])
+        args.depths = args.depths or shape["depths"]
+    args.depths = args.depths or [4, 8, 16, 32]
+    return args
 
 
 def machine() -> str:
@@ -638,7 +707,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"[bench] baseline peak RSS {data['baseline']['peak_rss_mb']} MiB", flush=True)
     for depth in args.depths:
         t0 = time.monotonic()
-        ckpt = build_checkpoint(models, args.hidden, args.intermediate, args.vocab, depth, arch=args.arch)
+        ckpt = build_checkpoint(models, args.hidden, args.intermediate, args.vocab, depth, arch=args.arch,
+                                heads=args.heads, kv_heads=args.kv_heads)
         data["checkpoints"][depth] = checkpoint_info(ckpt)
         print(f"[bench] checkpoint d{depth}: {data['checkpoints'][depth]} ({time.monotonic() - t0:.1f} s)",
               flush=True)

@@ -57,19 +57,29 @@ def _hydra_entry(cfg: DictConfig) -> Any:
 
 def _run(cfg: DictConfig, choices: dict, overrides: List[str]) -> None:
     """One run, in this process: the report on success; on failure a message naming the problem and the command
-    that resumes, and the exit code (2 bad input, EXIT_OOM out of memory, 1 anything else). In a sweep's job the
+    that resumes, and the exit code (2 bad input, EXIT_OOM out of memory, 128 + N stopped by signal N at a safe
+    point, 1 anything else). In a sweep's job the
     row (or the error) also goes to the launching process."""
     import torch
 
     from qrunner.pipeline.status import current_status
+    from qrunner.pipeline.stopping import StopRequested, install_stop_handlers
     from qrunner.report.sweep import job_row
-    from qrunner.supervise import EXIT_OOM, resume_command
+    from qrunner.supervise import EXIT_OOM, describe_where, resume_command
     from qrunner.sweep_job import write_result
 
     log = logging.getLogger("qrunner")
+    install_stop_handlers(log)
     try:
         write_result(job_row(execute(cfg, choices.get("recipe") or "custom", choices, overrides)))
         return
+    except StopRequested as stop:
+        where = describe_where(current_status())
+        log.warning("%s at %s; the run directory is unlocked", stop, where)
+        _failed(stop)
+        print(f"qrunner: {stop} at {where}; nothing finished is lost. Resume with: {resume_command()}",
+              file=sys.stderr)
+        sys.exit(stop.exit_code)
     except UserError as err:
         _failed(err)
         started = "run_dir" in current_status()

@@ -15,18 +15,21 @@ from qrunner.errors import UserError
 
 
 def choose_memory(cfg: DictConfig, session: Any, log: logging.Logger) -> Dict[str, Any]:
-    """memory.mode, with memory=auto resolved from the predicted peaks and the RAM budget."""
+    """memory.mode, with memory=auto resolved from the predicted peaks and the RAM budget; every mode's predicted
+    peak is kept (the report sets it beside the measured one)."""
     from qrunner.memory.predict import choose_mode
 
-    memory = {"mode": cfg.memory.mode.value}
-    if memory["mode"] == "auto":
-        memory = choose_mode(cfg, session)
-        log.info("memory=auto: predicted peak %s MB, budget %.1f GB -> %s", memory["predicted_peak_mb"],
-                 memory["budget_gb"], memory["mode"])
-        if memory["mode"] is None:
-            raise UserError(f"memory=auto: no memory mode fits memory.budget_gb={memory['budget_gb']} "
-                            f"(predicted peaks {memory['predicted_peak_mb']} MB); raise memory.budget_gb, "
-                            "lower data.nsamples / data.seqlen, or set memory=low to try anyway")
+    memory = choose_mode(cfg, session)
+    if cfg.memory.mode.value != "auto":  # the mode asked for; the predictions are kept for the report
+        memory["mode"] = cfg.memory.mode.value
+        log.info("memory=%s: predicted peak %s MB", memory["mode"], memory["predicted_peak_mb"][memory["mode"]])
+        return memory
+    log.info("memory=auto: predicted peak %s MB, budget %.1f GB -> %s", memory["predicted_peak_mb"],
+             memory["budget_gb"], memory["mode"])
+    if memory["mode"] is None:
+        raise UserError(f"memory=auto: no memory mode fits memory.budget_gb={memory['budget_gb']} "
+                        f"(predicted peaks {memory['predicted_peak_mb']} MB); raise memory.budget_gb, "
+                        "lower data.nsamples / data.seqlen, or set memory=low to try anyway")
     return memory
 
 

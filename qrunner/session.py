@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from qrunner.memory.embedding_rows import rows_on_demand
+from qrunner.memory.sliced_head import SlicedHead
 from qrunner.memory.streaming import CheckpointReader, materialized, module_tensor_names
 from qrunner.memory.trim import release_freed_memory
 from qrunner.models.adapter import FamilyAdapter, LayerPlan
@@ -179,9 +180,11 @@ class ModelSession:
             yield self.skeleton
 
     @contextmanager
-    def head_model(self) -> Iterator[nn.Module]:
-        """The skeleton with the output head (final norm, lm_head) read from the shards (evaluate)."""
-        with materialized(self.skeleton, self.adapter.head_tensor_names(self.skeleton), self.reader,
-                          self.compute_dtype) as model:
-            yield model
+    def sliced_head(self) -> Iterator[SlicedHead]:
+        """The output head: its final norms read from the shards, its projection (lm_head) read in row slices
+        as it is applied, never whole (memory/sliced_head.py)."""
+        names = self.adapter.heads(self.skeleton)
+        norms = [f"{p}.{t}" for p in names[:-1] for t in module_tensor_names(self.skeleton.get_submodule(p))]
+        with materialized(self.skeleton, norms, self.reader, self.compute_dtype) as model:
+            yield SlicedHead(model, names, self.reader, self.compute_dtype, self.adapter.logit_softcap(self.hf_config))
 

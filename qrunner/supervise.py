@@ -8,6 +8,9 @@ low); the run directory is the same, so the restart resumes from the committed a
 last status record (QRUNNER_STATUS) says which mode it ran in and where it was. When `low` fails too, the
 parent stops with a report of where and what to try. With run.on_oom=fail the child's exit is passed on.
 
+SIGTERM, SIGINT and SIGHUP to the parent are passed on to the child, which stops at its next safe point
+(pipeline/stopping.py); the parent then exits with 128 + the signal number and restarts nothing.
+
 The child inherits THP_MEM_ALLOC_ENABLE=1 from the entry point (qrunner.memory.trim.prefer_huge_pages). No
 MALLOC_MMAP_THRESHOLD_: fixed, it made the tuning loop 34 % slower here (every activation page faulted in anew);
 qrunner calls `malloc_trim` after each block instead.
@@ -22,11 +25,12 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from qrunner.pipeline.faults import ENV as FAULT_ENV
 from qrunner.pipeline.status import ENV as STATUS_ENV
 from qrunner.pipeline.status import read_status
+from qrunner.pipeline.stopping import SIGNALS as STOP_SIGNALS
 
 CHILD_ENV = "QRUNNER_CHILD"
 RESTARTS_ENV = "QRUNNER_RESTARTS"
@@ -70,10 +74,9 @@ def supervise(argv: List[str], extra_env: Optional[Dict[str, str]] = None, relay
                                       RESTARTS_ENV: json.dumps(attempts)}, **(extra_env or {}))
             if attempts:
                 env.pop(FAULT_ENV, None)  # an injected fault hits the first attempt only
-            try:
-                code = subprocess.run([sys.executable, "-m", "qrunner", *_with_memory(argv, mode)], env=env).returncode
-            except KeyboardInterrupt:
-                return 130
+            code, stop_signal = _run_child([sys.executable, "-m", "qrunner", *_with_memory(argv, mode)], env)
+            if stop_signal is not None:  # asked to stop: the child stopped at a safe point (or died of it)
+                return 128 + stop_signal
             if code == 0:
                 return 0
             status = read_status(status_file)
@@ -84,7 +87,7 @@ def supervise(argv: List[str], extra_env: Optional[Dict[str, str]] = None, relay
                         signal.signal(-code, signal.SIG_DFL)
                     os.kill(os.getpid(), -code)
                 return code
-            where = _where(status)
+            where = describe_where(status)
             cause = "killed (SIGKILL, as by the OOM killer)" if code < 0 else "out of memory"
             current = status.get("mode") or "high"
             lower = LOWER.get(str(current))
@@ -101,11 +104,32 @@ def supervise(argv: List[str], extra_env: Optional[Dict[str, str]] = None, relay
             mode = lower
 
 
+def _run_child(cmd: List[str], env: Dict[str, str]) -> Tuple[int, Optional[int]]:
+    """Run the child to its end; SIGTERM, SIGINT and SIGHUP sent to this process are passed on to it (it stops
+    at its next safe point). Returns its exit code and the first stop signal this process received, if any."""
+    child = subprocess.Popen(cmd, env=env)
+    received: List[int] = []
+
+    def forward(signum: int, _frame: object) -> None:
+        received.append(signum)
+        if child.poll() is None:
+            child.send_signal(signum)
+
+    previous = {signum: signal.signal(signum, forward) for signum in STOP_SIGNALS}
+    try:
+        code = child.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    return code, (received[0] if received else None)
+
+
 def resume_command_for(argv: List[str]) -> str:
     return "qrunner " + shlex.join(argv) if argv else "qrunner"
 
 
-def _where(status: Dict[str, object]) -> str:
+def describe_where(status: Dict[str, object]) -> str:
+    """Where a run was, from its status record: 'stage quantize, block 3/32' or 'stage export'."""
     stage = status.get("stage") or "start-up"
     if status.get("block") is not None and stage == "quantize":
         return f"stage quantize, block {int(status['block']) + 1}/{status.get('blocks', '?')}"

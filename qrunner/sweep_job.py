@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
@@ -37,12 +38,17 @@ def run_job_process(job_dir: Path, number: int, overrides: List[str], objective:
                     ) -> Union[None, float, List[float]]:
     """Run one job of the sweep in a supervised child process; returns the job's objective (None if it failed)."""
     from qrunner.report.sweep import write_job_record
+    from qrunner.pipeline.stopping import SIGNALS as STOP_SIGNALS
     from qrunner.supervise import EXIT_OOM, supervise
 
     job_dir.mkdir(parents=True, exist_ok=True)
     result = job_dir / RESULT
     result.unlink(missing_ok=True)
     code = supervise(list(overrides), {RESULT_ENV: str(result)}, relay_signals=False)
+    if code - 128 in STOP_SIGNALS:  # the sweep was asked to stop: this job stopped at a safe point; no more jobs
+        print(f"qrunner: sweep stopped by {signal.Signals(code - 128).name} in job {number}; rerun the same "
+              "command to resume (finished jobs and committed stages are reused)", file=sys.stderr)
+        sys.exit(code)
     row = _read(result)
     if row is None:
         why = (f"was killed by {signal.Signals(-code).name}" if code < 0 else

@@ -171,3 +171,55 @@ def test_a_failing_stage_ends_its_message_with_the_resume_command(tiny_llama, tm
     last = res.stderr.strip().splitlines()[-1]
     assert last.startswith("(traceback in run.log") and last.endswith("Resume with: qrunner " + " ".join(
         _args(broken, tmp_path / "runs") + ["run.show_progress=false"]))
+
+
+def test_sigterm_to_the_supervisor_stops_the_child_at_a_safe_point_and_the_rerun_resumes(tiny_llama, tmp_path):
+    """SIGTERM to the `qrunner` process (the supervisor, as `timeout` or a scheduler sends it) reaches the child,
+    which stops inside a block's tuning: exit 143, no process left, the lock free, where it stopped and the
+    resume command said; the same command then resumes to the uninterrupted run's export, byte for byte."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    from conftest import REPO
+
+    args = tiny_overrides(tiny_llama, tmp_path / "stopped", "quant.iters=200", "memory=low", "run.show_progress=false")
+    log = tmp_path / "stderr.txt"
+    with open(log, "w") as err:
+        parent = subprocess.Popen([sys.executable, "-m", "qrunner", *args], cwd=REPO, stderr=err,
+                                  stdout=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 300
+            units = []
+            while not units:  # the first block is committed: the run is inside the second one's tuning
+                assert parent.poll() is None and time.monotonic() < deadline, log.read_text()
+                units = [p for p in (tmp_path / "stopped").glob("demo/*/stages/quantize*/units/*")
+                         if not p.name.startswith(".")]
+                time.sleep(0.05)
+            children = psutil.Process(parent.pid).children(recursive=True)
+            assert children
+            os.kill(parent.pid, signal.SIGTERM)
+            code = parent.wait(timeout=60)
+        finally:
+            if parent.poll() is None:
+                parent.kill()
+    stderr = log.read_text()
+    assert code == 128 + signal.SIGTERM, stderr
+    _, alive = psutil.wait_procs(children, timeout=5)
+    assert not alive
+    assert "stopped by SIGTERM at stage quantize, block" in stderr and "Resume with: qrunner" in stderr
+    run_dir = _run_dir(tmp_path / "stopped")
+    with RunLock(run_dir):  # free: taking it does not fail
+        pass
+    done = [p for p in (run_dir / "stages").glob("quantize*/units/*") if not p.name.startswith(".")]
+    assert 1 <= len(done) < 3 and not (run_dir / "model").exists()
+
+    resumed = run_cli(args)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming at block" in resumed.stderr
+    clean = run_cli(tiny_overrides(tiny_llama, tmp_path / "clean", "quant.iters=200", "memory=low"))
+    assert clean.returncode == 0, clean.stderr
+    assert tree_bytes(run_dir / "model") == tree_bytes(_run_dir(tmp_path / "clean") / "model")

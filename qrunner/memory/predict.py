@@ -24,6 +24,9 @@ from typing import Any, Dict
 import psutil
 import torch
 
+from qrunner.memory.sliced_head import GROUP_BYTES, SLICE_BYTES
+from qrunner.quant.fake_quant import CHUNK_ELEMENTS
+
 INTERPRETER_MB = 450.0  # python + torch + transformers + qrunner imported (measured: 420-480 MB)
 GB = 1024**3
 MB = 1024**2
@@ -46,8 +49,10 @@ def _block_tuning_bytes(cfg: Any, session: Any, batch_size: int) -> Dict[str, in
     largest_layer = max((p.numel() for _, b in blocks for p in b.parameters() if p.dim() >= 2), default=0)
     tuned = int(cfg.quant.iters) > 0
     mb_tokens = batch_size * tokens
+    # the fused layer's transient: dL/dv of its largest layer plus 17-24 bytes a weight of one chunk of rows
+    fused = largest_layer * 4 + min(largest_layer, CHUNK_ELEMENTS) * 24
     return {"weights": block_params * c,
-            "tuning": block_params * 2 + (block_params * 4 + largest_layer * 24 if tuned else 0),
+            "tuning": block_params * 2 + (block_params * 4 + fused if tuned else 0),
             "backward": mb_tokens * ((10 * hidden + 4 * inter) if tuned else (2 * hidden + inter)) * 4}
 
 
@@ -61,16 +66,33 @@ def predict_device_peak_mb(cfg: Any, session: Any, batch_size: int = 0) -> float
     return (sum(parts.values()) + in_flight) / MB
 
 
-def predict_peaks_mb(cfg: Any, session: Any) -> Dict[str, float]:
+def _edge_elements(cfg: Any, session: Any, c: int) -> int:
+    """What the streaming modes hold besides a block, in compute-dtype elements: the larger of the modules before
+    the blocks (the vision tower too for image–text calibration; embedding tables are read by rows, not whole)
+    and the output head as applied (its norms, one slice of the projection's rows, the logits of a slice)."""
     model, adapter = session.skeleton, session.adapter
+    tables = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Embedding)}
+    inputs = [n for n in adapter.input_tensor_names(model, session.block_lists, bool(cfg.data.images))
+              if n not in tables]
+    heads = adapter.heads(model)
+    if not heads:
+        return _numel(model, inputs)
+    projection = [n for n in adapter.head_tensor_names(model) if n.startswith(f"{heads[-1]}.")]
+    norms = [n for n in adapter.head_tensor_names(model) if n not in projection]
+    rows = int(cfg.eval.nsamples) * (int(cfg.eval.seqlen) + 1) * session.hidden_size * 4 or GROUP_BYTES
+    # a slice read in the stored dtype and cast, and its logits; the normed rows of one group
+    head = _numel(model, norms) * c + 3 * min(SLICE_BYTES, _numel(model, projection) * c) + min(GROUP_BYTES, rows)
+    return max(_numel(model, inputs), head // c)
+
+
+def predict_peaks_mb(cfg: Any, session: Any) -> Dict[str, float]:
+    model = session.skeleton
     c = 4 if cfg.model.compute_dtype == "float32" else 2
     rows, tokens, hidden, inter = session.calibration_shape()
     blocks = session.blocks(model)
     block_params = max(sum(p.numel() for p in b.parameters()) for _, b in blocks)
     total = sum(p.numel() for p in model.parameters())
-    # image–text calibration runs the vision tower during capture: it is read with the embeddings
-    edge = max(_numel(model, adapter.input_tensor_names(model, session.block_lists, bool(cfg.data.images))),
-               _numel(model, adapter.head_tensor_names(model)))
+    edge = _edge_elements(cfg, session, c)
 
     parts = _block_tuning_bytes(cfg, session, int(cfg.quant.batch_size))
     activations = 4 * rows * tokens * hidden * c

@@ -136,6 +136,14 @@ class CheckpointReader:
                             "incomplete: re-download it") from None
         return torch.cat(parts) if len(parts) != 1 else parts[0]
 
+    def read_row_range(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Rows start..stop-1 of model tensor `key`, one slice read."""
+        source = self.source_key(key)
+        if source is None:
+            raise KeyError(key)
+        with self._open(source) as f:
+            return f.get_slice(source)[start:stop]
+
     def read_stored(self, source: str) -> torch.Tensor:
         """The tensor stored under checkpoint key `source`."""
         shard = self.shard_of[source]

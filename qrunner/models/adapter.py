@@ -210,14 +210,10 @@ class FamilyAdapter:
     def head_tensor_names(self, model: nn.Module) -> List[str]:
         return [f"{p}.{n}" for p in self.heads(model) for n in module_tensor_names(model.get_submodule(p))]
 
-    def logits(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits from the last block's output (the head modules applied in order)."""
-        for prefix in self.heads(model):
-            hidden = model.get_submodule(prefix)(hidden)
-        cap = getattr(self.text_config(model.config), "final_logit_softcapping", None)
-        if cap:  # Gemma-style soft cap, as the model's own forward applies it
-            hidden = torch.tanh(hidden / cap) * cap
-        return hidden
+    def logit_softcap(self, config: Any) -> Optional[float]:
+        """The final logit soft cap (`cap * tanh(logits / cap)`, Gemma-style) the model's forward applies, if any."""
+        cap = getattr(self.text_config(config), "final_logit_softcapping", None)
+        return float(cap) if cap else None
 
     # ---- block inputs ----------------------------------------------------------------------
     # block inputs that differ per sample besides hidden_states (stored as row files, one per block and name)

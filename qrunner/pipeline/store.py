@@ -16,6 +16,7 @@ from typing import Any, Dict, Optional
 
 from qrunner.pipeline.atomic import publish_dir, remove_tree, write_bytes_atomic, write_json_atomic
 from qrunner.pipeline.faults import fault_point
+from qrunner.pipeline.stopping import stop_point
 from qrunner.pipeline.integrity import first_problem, records
 
 MANIFEST = "manifest.json"
@@ -67,6 +68,7 @@ class ArtifactStore:
         fault_point(f"{name}.before_publish")
         publish_dir(partial, self.final(name))
         fault_point(f"{name}.committed")
+        stop_point()
 
     def damaged(self, name: str) -> Optional[str]:
         """'FILE: why' when a file of the committed stage is missing, truncated or changed; else None."""

@@ -8,6 +8,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from qrunner.pipeline.atomic import publish_dir, remove_tree, write_json_atomic
 from qrunner.pipeline.faults import fault_point
+from qrunner.pipeline.stopping import stop_point
 from qrunner.pipeline.integrity import first_problem, records
 
 UNIT_MANIFEST = "unit.json"
@@ -61,6 +62,7 @@ class UnitStore:
         publish_dir(tmp, self.root / key)
         self.commit_seconds += time.time() - started
         fault_point(f"{self.stage_name}.unit_committed")
+        stop_point()
         return info
 
     def clean_temporaries(self) -> None:

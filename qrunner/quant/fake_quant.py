@@ -62,24 +62,47 @@ def _to_matrix(t: torch.Tensor, in_features: int) -> torch.Tensor:
     return t[:, :in_features] if t.shape[1] != in_features else t
 
 
+# weight elements fake-quantized at a time (a layer's rows in chunks of about this): float32 tensors of 36 MiB,
+# above glibc's largest dynamic mmap threshold (32 MiB), so each one goes back to the OS when freed instead of
+# leaving heap slack; a layer up to this size is one chunk, as before chunking
+CHUNK_ELEMENTS = 9 << 20
+
+
+def _row_chunks(shape: torch.Size) -> list[slice]:
+    """The output rows of a ``[out, n_groups, g]`` weight in chunks of about CHUNK_ELEMENTS elements (one chunk
+    for a layer up to that size)."""
+    rows = max(1, CHUNK_ELEMENTS // (shape[1] * shape[2]))
+    return [slice(r, min(shape[0], r + rows)) for r in range(0, shape[0], rows)]
+
+
 class _FakeQuantLinearFn(torch.autograd.Function):
-    """Both passes work in place where they can: a layer's transient memory is 13-17 bytes a weight (the scaled
-    weight, the codes, the clamp's mask and dL/dw_hat, plus w_hat during the matmuls), one layer at a time."""
+    """Both passes work in place where they can and go through the layer's output rows in chunks of about
+    CHUNK_ELEMENTS weights: the transient memory is 13-17 bytes a weight of one chunk (the scaled weight, the
+    codes, the clamp's mask and dL/dw_hat, plus w_hat during the matmuls), and the backward pass's dL/dv
+    (4 bytes a weight of the layer), one layer at a time. Each element's arithmetic is the same for any chunk
+    size; the matmuls are split by output rows (the forward's dot products are unchanged; dL/dx sums the chunks'
+    products)."""
 
     @staticmethod
     def forward(ctx, x, weight, v, scale, zero, bias, lo, hi, sym, shape, codes_out):
         in_features, weight_dtype = weight.shape[1], weight.dtype
+        parts = []
         with torch.no_grad():
-            q = _codes(_grouped(weight, shape), scale, zero, v, lo, hi, sym)
-            if codes_out is not None:  # unsigned codes: sym shifts by 2**(bits-1), asym codes are already unsigned
-                if sym:
-                    q -= lo  # small integers: exact both ways
-                codes_out.copy_(_to_matrix(q, in_features))
-                if sym:
-                    q += lo
-            w_hat = _to_matrix(_dequantize_(q, scale, zero, sym), in_features).to(weight_dtype)
-            out = F.linear(x, w_hat, bias)
-            del q, w_hat
+            for rows in _row_chunks(shape):
+                part = torch.Size((rows.stop - rows.start, shape[1], shape[2]))
+                q = _codes(_grouped(weight[rows], part), scale[rows], zero[rows], v[rows], lo, hi, sym)
+                if codes_out is not None:  # unsigned codes: sym shifts by 2**(bits-1), asym codes are already unsigned
+                    if sym:
+                        q -= lo  # small integers: exact both ways
+                    codes_out[rows].copy_(_to_matrix(q, in_features))
+                    if sym:
+                        q += lo
+                w_hat = _to_matrix(_dequantize_(q, scale[rows], zero[rows], sym), in_features).to(weight_dtype)
+                del q
+                parts.append(F.linear(x, w_hat, None if bias is None else bias[rows]))
+                del w_hat
+            out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+            del parts
         ctx.save_for_backward(x, weight, v, scale, zero, bias)
         ctx.grid = (lo, hi, sym, shape)
         ctx.autocast = (x.device.type, torch.is_autocast_enabled(x.device.type),
@@ -90,43 +113,69 @@ class _FakeQuantLinearFn(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, weight, v, scale, zero, bias = ctx.saved_tensors
         lo, hi, sym, shape = ctx.grid
-        in_features, weight_dtype = weight.shape[1], weight.dtype
-        device_type, autocast_on, autocast_dtype = ctx.autocast
         needs_x, _, needs_v, needs_scale, needs_zero, needs_bias = ctx.needs_input_grad[:6]
+        chunks = _row_chunks(shape)
+        whole = len(chunks) == 1
+        grad_x = grad_v = grad_scale = grad_zero = None
         with torch.no_grad():
-            ws = _grouped(weight, shape) / scale
-            q = ws + v
-            q.round_()
-            if not sym:
-                q += zero
-            inside = (q >= lo) & (q <= hi)  # where the clamp passes the gradient
-            q.clamp_(lo, hi)
-            w_hat = _to_matrix(_dequantize_(q.clone(), scale, zero, sym), in_features).to(weight_dtype)
+            if not whole:
+                grad_v = torch.empty(shape, dtype=torch.float32, device=v.device) if needs_v else None
+                grad_scale = torch.empty_like(scale) if needs_scale else None
+                grad_zero = torch.empty_like(scale) if needs_zero and not sym else None
             g2 = grad_out.reshape(-1, grad_out.shape[-1])
-            with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_on):
-                grad_x = grad_out.matmul(w_hat) if needs_x else None
-                grad_w_hat = g2.t().mm(x.reshape(-1, x.shape[-1]))
-            del w_hat
-            grad_w_hat = _grouped(grad_w_hat, shape)
-            grad_scale = grad_zero = grad_q_sum = None
-            if needs_scale:  # dL/dscale through w_hat = scale * (q - zero)
-                grad_scale = (q if sym else q.sub_(zero)).mul_(grad_w_hat).sum(-1, keepdim=True)
-            del q
-            grad_t = grad_w_hat.mul_(scale)  # dL/dq, then (masked) dL/dv
-            if needs_zero and not sym:
-                grad_q_sum = grad_t.sum(-1, keepdim=True)
-            grad_t.masked_fill_(inside.logical_not_(), 0.0)
-            del inside
-            if grad_q_sum is not None:  # zero enters q (through the clamp) and w_hat (directly)
-                grad_zero = grad_t.sum(-1, keepdim=True) - grad_q_sum
-            if needs_scale:  # ... and through w / scale: -dL/dv * (w / scale) / scale
-                grad_scale -= ws.div_(scale).mul_(grad_t).sum(-1, keepdim=True)
-            del ws
-            grad_v = grad_t if needs_v else None
+            x2 = x.reshape(-1, x.shape[-1])
+            for rows in chunks:
+                part = torch.Size((rows.stop - rows.start, shape[1], shape[2]))
+                gx, gv, gs, gz = _FakeQuantLinearFn._rows_backward(
+                    ctx, x2, weight[rows], v[rows], scale[rows], zero[rows], grad_out[..., rows], g2[:, rows],
+                    lo, hi, sym, part, needs_x, needs_v, needs_scale, needs_zero)
+                if gx is not None:
+                    grad_x = gx if grad_x is None else grad_x.add_(gx)
+                if whole:
+                    grad_v, grad_scale, grad_zero = gv, gs, gz
+                    continue
+                for total, value in ((grad_v, gv), (grad_scale, gs), (grad_zero, gz)):
+                    if total is not None:
+                        total[rows] = value
             grad_bias = g2.sum(0).to(bias.dtype) if needs_bias and bias is not None else None
         if grad_x is not None:
             grad_x = grad_x.to(x.dtype)
         return grad_x, None, grad_v, grad_scale, grad_zero, grad_bias, None, None, None, None, None
+
+    @staticmethod
+    def _rows_backward(ctx, x2, weight, v, scale, zero, grad_out, g2, lo, hi, sym, shape, needs_x, needs_v,
+                       needs_scale, needs_zero):
+        """dL/dx (this chunk's share), dL/dv, dL/dscale and dL/dzero of one chunk of output rows."""
+        in_features, weight_dtype = weight.shape[1], weight.dtype
+        device_type, autocast_on, autocast_dtype = ctx.autocast
+        ws = _grouped(weight, shape) / scale
+        q = ws + v
+        q.round_()
+        if not sym:
+            q += zero
+        inside = (q >= lo) & (q <= hi)  # where the clamp passes the gradient
+        q.clamp_(lo, hi)
+        w_hat = _to_matrix(_dequantize_(q.clone(), scale, zero, sym), in_features).to(weight_dtype)
+        with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_on):
+            grad_x = grad_out.matmul(w_hat) if needs_x else None
+            grad_w_hat = g2.t().mm(x2)
+        del w_hat
+        grad_w_hat = _grouped(grad_w_hat, shape)
+        grad_scale = grad_zero = grad_q_sum = None
+        if needs_scale:  # dL/dscale through w_hat = scale * (q - zero)
+            grad_scale = (q if sym else q.sub_(zero)).mul_(grad_w_hat).sum(-1, keepdim=True)
+        del q
+        grad_t = grad_w_hat.mul_(scale)  # dL/dq, then (masked) dL/dv
+        if needs_zero and not sym:
+            grad_q_sum = grad_t.sum(-1, keepdim=True)
+        grad_t.masked_fill_(inside.logical_not_(), 0.0)
+        del inside
+        if grad_q_sum is not None:  # zero enters q (through the clamp) and w_hat (directly)
+            grad_zero = grad_t.sum(-1, keepdim=True) - grad_q_sum
+        if needs_scale:  # ... and through w / scale: -dL/dv * (w / scale) / scale
+            grad_scale -= ws.div_(scale).mul_(grad_t).sum(-1, keepdim=True)
+        del ws
+        return grad_x, (grad_t if needs_v else None), grad_scale, grad_zero
 
 
 def fake_quant_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scheme: QuantScheme,

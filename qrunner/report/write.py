@@ -113,7 +113,8 @@ def markdown(report: Dict[str, Any], images: List[Path]) -> str:
         f"- memory mode: {report['memory'].get('mode')} (budget {report['memory'].get('budget_gb')} GB), "
         f"blocks on {report.get('device', 'cpu')}",
         *(f"- export ({fmt}): `{path}`" for fmt, path in (report.get("exports") or {"": report["export_dir"]}).items()),
-        f"- wall time {report['wall_seconds']:.1f} s, peak RSS {report['peak_rss_mb']:.0f} MB",
+        f"- wall time {report['wall_seconds']:.1f} s, peak RSS {report['peak_rss_mb']:.0f} MB"
+        + _predicted(report),
         *(f"- restarted after {r['cause']} in memory={r['mode']} at {r['where']} (peak RSS {r['peak_rss_mb']} MB) "
           f"-> memory={r['restart_mode']}" for r in report.get("restarts", [])),
         *([f"- {full_precision_text(report['full_precision_layers'])}"] if _kept_count(report) else []),
@@ -188,6 +189,13 @@ def write_report(report: Dict[str, Any], run_dir: Path) -> Path:
     md = run_dir / "report.md"
     md.write_text(markdown(report, images))
     return md
+
+
+def _predicted(report: Dict[str, Any]) -> str:
+    """' (predicted N MB)': memory=auto's prediction for the mode that ran, when it was made."""
+    mode = report["memory"].get("mode")
+    value = (report["memory"].get("predicted_peak_mb") or {}).get(mode)
+    return f" (predicted {value:.0f} MB for memory={mode})" if value else ""
 
 
 def _vram(report: Dict[str, Any]) -> bool:

@@ -219,7 +219,7 @@ class OptionReplay:
 
     def _head(self, store: ChainRows, last: Rows) -> None:
         """The mean next-token loss over every predicted token and its gradient with respect to the last block's
-        output, one sample's vocabulary-wide logits at a time; committed as the option's head unit."""
+        output, one sample at a time, the head applied in row slices; committed as the option's head unit."""
         session = self.session
         n, seqlen = self.windows.shape
         tokens = n * (seqlen - 1)
@@ -227,17 +227,12 @@ class OptionReplay:
         grad = store.new_shaped("grad_head", n, last.row_shape, torch.float32)
         total = 0.0
         release_freed_memory()  # the forward's last temporaries go back before the head's weights arrive
-        with session.head_model() as model:
+        with session.sliced_head() as head:
             for r in batches(n, 1):
-                h = last.read(r).detach().requires_grad_(True)
-                logits = session.adapter.logits(model, h)[:, :-1].float()
-                labels = self.windows[r.start:r.stop, 1:]
-                nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                                        reduction="sum")
+                nll, g = head.nll_and_grad(last.read(r), self.windows[r.start:r.stop, 1:])
                 in_batch = len(scoring[r.start // self.batch]) * (seqlen - 1)  # L_b: the mean over its batch
-                (g,) = torch.autograd.grad(nll / in_batch, [h])
-                grad.write(r.start, g.float())
-                total += float(nll.detach())
+                grad.write(r.start, g / in_batch)
+                total += nll
         loss = total / tokens
 
         def write(tmp: Any) -> Dict[str, Any]:

@@ -56,13 +56,17 @@ def mse_rows(a: Rows, b: Rows, part: slice = slice(None)) -> float:
 
 
 @contextmanager
-def fake_quantized(block: torch.nn.Module, block_name: str, weights: Mapping[str, QuantizedWeight]):
-    """The block with its quantized layers holding their dequantized weights; the originals come back after."""
+def fake_quantized(block: torch.nn.Module, block_name: str, weights: Mapping[str, QuantizedWeight],
+                   restore: bool = True):
+    """The block with its quantized layers holding their dequantized weights; the originals come back after, or,
+    with `restore=False` (a streamed block used for nothing else after), are dropped as each layer is replaced:
+    no second copy of the block's weights."""
     saved = []
     try:
         for name, qw in weights.items():
             layer = get_module(block, name[len(block_name) + 1:])
-            saved.append((layer, layer.weight.data))
+            if restore:
+                saved.append((layer, layer.weight.data))
             layer.weight.data = qw.to(layer.weight.device).dequantize(layer.weight.dtype)
         yield block
     finally:

@@ -10,10 +10,10 @@ from tqdm import tqdm
 
 from qrunner.data_sources import text_windows
 from qrunner.errors import UserError
-from qrunner.memory.activations import batches
 from qrunner.memory.device import placed
 from qrunner.models.adapter import get_module
 from qrunner.pipeline.stage import Stage, StageContext, register_stage
+from qrunner.pipeline.stopping import stop_point
 from qrunner.stages.capture import capture_block_inputs
 from qrunner.stages.block_rows import (ChainRows, block_inputs, fake_quantized, forward_rows, module_device,
                                       open_block_rows)
@@ -127,10 +127,12 @@ def streamed_chains(ctx: StageContext, windows: torch.Tensor, layers: QuantizedL
         hidden, per_block, captured = capture_block_inputs(adapter, model, session.blocks(model), windows,
                                                            rows_store.scratch, f"{desc} inputs", show)
     hidden = rows_store.wrap(hidden)
-    x = {chain: hidden for chain in chains}
+    # the original chain first: the quantized one then replaces the streamed block's weights in place
+    x = {chain: hidden for chain in sorted(chains, key=lambda c: c != "original")}
     side = {chain: dict(captured) for chain in x}
     for index in tqdm(range(len(session.block_names())), desc=f"{desc} blocks", unit="block", disable=not show):
         shared, reads = block_inputs(session, per_block, index)
+        stop_point()
         writes = adapter.side_io(session.hf_config, index)[1]
         wrap = rows_store.reader()
         with session.block(index) as (name, block), placed(block, session.device):
@@ -139,8 +141,8 @@ def streamed_chains(ctx: StageContext, windows: torch.Tensor, layers: QuantizedL
                 y[chain] = rows_store.new(f"{chain}_{index}", rows)
                 src = open_block_rows(rows, reads, lambda g, c=chain: wrap(side[c][g]))
                 new = lambda n, *a, c=chain: rows_store.new_shaped(f"{c}_{n}", *a)  # noqa: E731
-                context = (fake_quantized(block, name, layers.in_block(name)) if chain == "quantized"
-                           else contextlib.nullcontext())
+                context = (fake_quantized(block, name, layers.in_block(name), restore=False)
+                           if chain == "quantized" else contextlib.nullcontext())
                 with context:
                     side[chain].update(forward_rows(adapter, block, src, shared, y[chain], writes, new))
         for rows in x.values():
@@ -155,17 +157,9 @@ def streamed_chains(ctx: StageContext, windows: torch.Tensor, layers: QuantizedL
 def streamed_perplexities(ctx: StageContext, windows: torch.Tensor, layers: QuantizedLayers,
                           original: bool) -> Dict[str, float]:
     """Perplexity with one block in RAM at a time (memory=medium/low): the original and the quantized chain
-    side by side through the streamed blocks, then the head, one window's logits at a time."""
-    adapter, out = ctx.session.adapter, {}
+    side by side through the streamed blocks, then the head, applied in slices of its rows."""
     chains = ("quantized", "original") if original else ("quantized",)
-    with streamed_chains(ctx, windows, layers, chains) as last, ctx.session.head_model() as model, torch.no_grad():
-        for chain, rows in last.items():
-            total, count = 0.0, 0
-            for r in batches(len(rows), 1):  # one window's vocabulary-wide logits at a time
-                logits = adapter.logits(model, rows.read(r))[:, :-1].float()
-                labels = windows[r.start:r.stop, 1:]
-                total += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                                                 labels.reshape(-1), reduction="sum"))
-                count += labels.numel()
-            out[f"ppl_{chain}"] = math.exp(total / count)
-    return out
+    labels = windows[:, 1:]
+    with streamed_chains(ctx, windows, layers, chains) as last, ctx.session.sliced_head() as head:
+        return {f"ppl_{chain}": math.exp(head.nll(rows.read, labels) / labels.numel())
+                for chain, rows in last.items()}

@@ -8,6 +8,8 @@ run killed at any point resumes exactly where it stopped.
 """
 from __future__ import annotations
 
+import contextlib
+
 import dataclasses
 import json
 import time
@@ -30,6 +32,7 @@ from qrunner.pipeline.atomic import remove_tree
 from qrunner.models.adapter import HIDDEN, LayerPlan, get_module
 from qrunner.models.block_io import load_block_inputs
 from qrunner.pipeline.faults import fault_point
+from qrunner.pipeline.stopping import stop_point
 from qrunner.pipeline.stage import Stage, StageContext, register_stage
 from qrunner.phases import PhaseTimes
 from qrunner.pipeline.status import report_status
@@ -296,8 +299,10 @@ class QuantizeStage(Stage):
         for device in dict.fromkeys([ctx.session.device, HOST]):
             try:
                 begin_block_peak(device)
-                # the block's loops free and allocate the same sizes over and over: they reuse the freed pages
-                with placed(block, device), keep_freed_memory():
+                # the block's loops free and allocate the same sizes over and over: they reuse the freed pages, except
+                # in memory=low, where the peak comes first (the kept heap is a few hundred MB on an 8B model's block)
+                keep = keep_freed_memory() if ctx.session.memory_mode != "low" else contextlib.nullcontext()
+                with placed(block, device), keep:
                     done = self._block(ctx, index, name, block, work)
                 done.tuning["device"] = str(device)
                 vram = block_peak_vram_mb(device)
@@ -395,6 +400,7 @@ class QuantizeStage(Stage):
 
             def progress(step: int, loss: float) -> None:
                 fault_point("quantize.tuning")
+                stop_point()  # an unfinished block is dropped; the next run tunes it again
                 if step % 25 == 0:
                     bar.set_postfix(iter=f"{step}/{settings.iters}", loss=f"{loss:.2e}")
 

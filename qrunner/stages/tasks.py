@@ -158,7 +158,7 @@ class StreamedLM:
         for b in self.recorded:
             starts.append(starts[-1] + len(b))
         session = self.ctx.session
-        with streamed_chains(self.ctx, windows, layers, chains, desc="tasks") as last, session.head_model() as head:
+        with streamed_chains(self.ctx, windows, layers, chains, desc="tasks") as last, session.sliced_head() as head:
             self.last, self.head, self.starts = last, head, starts
             try:
                 yield
@@ -173,8 +173,7 @@ class StreamedLM:
             if not torch.equal(inps, self.recorded[k]):
                 raise RuntimeError("lm-eval asked for other token batches than on its recording pass")
             rows = self.last[chain].read(range(self.starts[k], self.starts[k + 1]))[:, : inps.shape[1]]
-            with torch.no_grad():
-                return self.ctx.session.adapter.logits(self.head, rows).float()
+            return self.head.logits(rows)
 
         self.answer = answer
 
