@@ -41,7 +41,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from real_scale import check_export, find_export, shape_targets  # noqa: E402
+from real_scale import check_export, find_export, repredict, shape_targets  # noqa: E402
 CORPUS = REPO / "qrunner" / "assets" / "corpus"
 MiB = 1024 * 1024
 SHARD_BYTES = 1_000_000_000  # max shard size (~1 GB)
@@ -661,8 +661,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="also run auto-round (low_cpu_mem_usage=True) on the same checkpoints")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per run")
     p.add_argument("--keep-runs", action="store_true", help="keep each run's output folder")
+    p.add_argument("--repredict", action="store_true",
+                   help="recompute memory=auto's predictions of the runs in --out's ram_vs_depth.json with the current "
+                        "model (nothing is run) and rewrite the results")
     p.add_argument("--autoround-child", metavar="CKPT", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.repredict:
+        return args
     if args.shape:
         shape = SHAPES[args.shape]
         for key in ("arch", "hidden", "intermediate", "vocab", "heads", "kv_heads"):
@@ -688,6 +693,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         autoround_child(args.autoround_child, args.out, args.iters, args.nsamples, args.seqlen)
         return 0
     out, work, models = Path(args.out), Path(args.work_dir), Path(args.models_dir)
+    if args.repredict:
+        sys.path.insert(0, str(REPO))
+        data = json.loads((out / "ram_vs_depth.json").read_text())
+        repredict(data)
+        write_outputs(data, out)
+        for t in data["targets"]:
+            print(f"[bench] {verdict(t['pass'])}: {t['target']} ({t['value']})")
+        return 0
     work.mkdir(parents=True, exist_ok=True)
     modes = list(args.modes)
     notes: List[str] = []

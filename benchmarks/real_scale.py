@@ -124,3 +124,39 @@ def shape_targets(data: Dict[str, Any]) -> List[Dict[str, Any]]:
                         "value": f"max {worst:.3f} steps, rel. RMS error <= {rms:.3f}",
                         "pass": check["within_one_step"]})
     return out
+
+
+def predicted_peaks(overrides: Sequence[str]) -> Dict[str, float]:
+    """memory=auto's predicted peak (MiB) per mode for the run `qrunner OVERRIDES...`, computed in this process on
+    the meta skeleton (nothing is loaded)."""
+    import logging
+
+    from hydra import compose, initialize_config_dir
+
+    from qrunner._paths import conf_dir
+    from qrunner.cli import _register
+    from qrunner.memory.predict import predict_peaks_mb
+    from qrunner.models.registry import get_family
+    from qrunner.session import ModelSession
+
+    _register()
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        cfg = compose("config", overrides=list(overrides))
+    session = ModelSession(cfg, get_family(cfg.family.name), logging.getLogger("qrunner"))
+    return {mode: round(value) for mode, value in predict_peaks_mb(cfg, session).items()}
+
+
+def repredict(data: Dict[str, Any]) -> None:
+    """Replace each qrunner run's recorded predictions by the current model's (the run's own are kept as
+    `predicted_at_run_mb`)."""
+    import shlex
+
+    for run in data["runs"]:
+        if run.get("tool") != "qrunner" or not run.get("memory"):
+            continue
+        argv = shlex.split(run["cmd"])
+        overrides = argv[argv.index("qrunner") + 1:]
+        memory = run["memory"]
+        memory.setdefault("predicted_at_run_mb", memory.get("predicted_peak_mb"))
+        memory["predicted_peak_mb"] = predicted_peaks(overrides)
+        memory["repredicted"] = True

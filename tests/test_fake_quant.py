@@ -164,3 +164,39 @@ def test_tuning_with_the_fused_layer_equals_tuning_through_autograd(monkeypatch,
     for name in layers:
         assert torch.equal(fused.weights[name].q, ref.weights[name].q), name
         assert torch.equal(fused.weights[name].scale, ref.weights[name].scale), name
+
+
+def test_a_weight_held_in_bfloat16_under_float32_activations_gives_the_float32_weights_results():
+    """memory/narrow.py holds a bf16 checkpoint's tuned weights in bf16: the fused layer widens them per chunk, so
+    outputs, codes and gradients are the float32 weight's, bit for bit; the no-gradient forward too."""
+    torch.manual_seed(0)
+    scheme = QuantScheme(4, 32, True)
+    weight = (torch.randn(40, 96) * 0.1).to(torch.bfloat16).float()  # bf16 values held in float32
+    results = []
+    for held in (weight, weight.to(torch.bfloat16)):
+        x = torch.randn(3, 96, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        v, lo, hi = _params(40, 96, scheme, seed=4)
+        codes = torch.empty(40, 96, dtype=torch.uint8)
+        out = fake_quant_linear(x, held, None, scheme, v, lo, hi, codes_out=codes)
+        assert out.dtype == torch.float32
+        out.backward(torch.ones_like(out))
+        with torch.no_grad():
+            plain = fake_quant_linear(x, held, None, scheme, v, lo, hi)
+        results.append((out.detach(), codes, x.grad, v.grad, lo.grad, hi.grad, plain))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_narrowed_holds_exact_weights_narrower_and_gives_them_back():
+    from qrunner.memory.narrow import narrowed
+
+    exact = nn.Linear(64, 32)
+    with torch.no_grad():
+        exact.weight.copy_(exact.weight.to(torch.bfloat16).float())
+    inexact = nn.Linear(64, 32)  # float32 values: kept as they are
+    before = [exact.weight.detach().clone(), inexact.weight.detach().clone()]
+    with narrowed([exact, inexact]) as saved:
+        assert exact.weight.dtype == torch.bfloat16 and inexact.weight.dtype == torch.float32
+        assert saved == 64 * 32 * 2
+    assert exact.weight.dtype == torch.float32 and torch.equal(exact.weight, before[0])
+    assert torch.equal(inexact.weight, before[1])

@@ -3,15 +3,16 @@
 The figures are estimates of what is resident at the worst moment of the quantize stage, the one that
 dominates every mode:
 
-- every mode: the interpreter with torch and transformers imported, the block being tuned (its weights in
-  the compute dtype, and per weight element the fp32 rounding offset, the best iteration's and the RTN
-  codes; one layer's fake-quantization recomputed in float32 at a time), and one mini-batch's
-  forward/backward activations;
+- every mode: the interpreter with torch and transformers imported, the block being tuned (its linears' weights
+  in the checkpoint's dtype while tuned, the rest in the compute dtype; per weight element the fp32 rounding
+  offset and the current and best iteration's codes; one layer's dL/dv and the fake-quantization of one chunk of
+  its rows in float32), and one mini-batch's forward/backward activations;
 - `high`: plus the whole model in the compute dtype, and the four activation sets of the block
   (quantized-chain inputs, original-chain inputs, targets, outputs), each nsamples x seqlen x hidden;
-- `medium`: plus the larger of the input embeddings (capture; with the vision tower for image–text
-  calibration) and the output head (evaluate), and the four activation sets;
-- `low`: plus the larger of the embeddings and the head; activations are read from disk per mini-batch.
+- `medium`: plus the larger of what runs before the blocks (capture: embedding rows, not tables; the vision
+  tower for image–text calibration) and the output head as evaluate applies it (its norms and one slice of
+  lm_head's rows), and the four activation sets;
+- `low`: plus that larger of the two; activations are read from disk per mini-batch.
 
 With scheme=auto the scoring stage can be the larger one: the block being replayed with its weight gradients,
 and, in `high` and `medium`, every block's input of the option being scored (blocks x nsamples x seqlen x
@@ -38,20 +39,32 @@ def _numel(model: torch.nn.Module, names) -> int:
     return sum(params[n].numel() for n in names if n in params)
 
 
+def _stored_bytes(session: Any, c: int) -> int:
+    """Bytes a weight in the checkpoint's dtype (config.json's), when narrower than the compute dtype's `c`: what
+    a tuned weight is held in while tuning (memory/narrow.py)."""
+    config = session.hf_config
+    dtype = None
+    for conf in (config, getattr(config, "text_config", None)):
+        dtype = dtype or getattr(conf, "dtype", None) or getattr(conf, "torch_dtype", None)
+    return 2 if str(dtype).replace("torch.", "") in ("bfloat16", "float16") else c
+
+
 def _block_tuning_bytes(cfg: Any, session: Any, batch_size: int) -> Dict[str, int]:
-    """What tuning one block holds wherever it runs: the block's weights (`weights`), the tuning state
-    (`tuning`: per weight the fp32 rounding offset, the best iteration's and the RTN codes, one layer's
-    fake-quantization recomputed in float32) and one micro-batch's forward/backward activations (`backward`)."""
+    """What tuning one block holds wherever it runs: the block's weights (`weights`; its linears held in the
+    checkpoint's dtype while tuned), the tuning state (`tuning`: per weight the fp32 rounding offset and the
+    current and best iteration's codes; the fused layer's dL/dv of one layer and its fake-quantization of one
+    chunk of rows in float32) and one micro-batch's forward/backward activations (`backward`)."""
     c = 4 if cfg.model.compute_dtype == "float32" else 2
-    _, tokens, hidden, inter = session.calibration_shape()
+    rows, tokens, hidden, inter = session.calibration_shape()
     blocks = session.blocks(session.skeleton)
     block_params = max(sum(p.numel() for p in b.parameters()) for _, b in blocks)
+    linear_params = max(sum(p.numel() for p in b.parameters() if p.dim() >= 2) for _, b in blocks)
     largest_layer = max((p.numel() for _, b in blocks for p in b.parameters() if p.dim() >= 2), default=0)
     tuned = int(cfg.quant.iters) > 0
-    mb_tokens = batch_size * tokens
-    # the fused layer's transient: dL/dv of its largest layer plus 17-24 bytes a weight of one chunk of rows
+    mb_tokens = min(batch_size, rows or batch_size) * tokens
+    held = _stored_bytes(session, c) if tuned else c
     fused = largest_layer * 4 + min(largest_layer, CHUNK_ELEMENTS) * 24
-    return {"weights": block_params * c,
+    return {"weights": (block_params - linear_params) * c + linear_params * held,
             "tuning": block_params * 2 + (block_params * 4 + fused if tuned else 0),
             "backward": mb_tokens * ((10 * hidden + 4 * inter) if tuned else (2 * hidden + inter)) * 4}
 
@@ -96,11 +109,11 @@ def predict_peaks_mb(cfg: Any, session: Any) -> Dict[str, float]:
 
     parts = _block_tuning_bytes(cfg, session, int(cfg.quant.batch_size))
     activations = 4 * rows * tokens * hidden * c
-    common = INTERPRETER_MB * MB + sum(parts.values())
+    common = INTERPRETER_MB * MB + sum(parts.values())  # the block being tuned included
     peaks = {
-        "high": common + total * c + activations,
-        "medium": common + (block_params + edge) * c + activations,
-        "low": common + (block_params + edge) * c,
+        "high": common + (total - block_params) * c + activations,
+        "medium": common + edge * c + activations,
+        "low": common + edge * c,
     }
     if cfg.scheme.name == "auto":
         a = cfg.scheme.auto

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qrunner.quant.rtn import QuantizedWeight, group_extremes, pad_columns, quant_dequant, quantize, scale_and_zero
+from qrunner.quant.rtn import QuantizedWeight, group_extremes, pad_columns, quantize, scale_and_zero
 from qrunner.quant.scheme import QuantScheme
 
 __all__ = ["TunedLinear", "fake_quant_linear"]
@@ -85,7 +85,8 @@ class _FakeQuantLinearFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, v, scale, zero, bias, lo, hi, sym, shape, codes_out):
-        in_features, weight_dtype = weight.shape[1], weight.dtype
+        # w_hat in the compute dtype: a weight held narrower (bf16 under float32 activations) is widened per chunk
+        in_features, weight_dtype = weight.shape[1], torch.promote_types(weight.dtype, x.dtype)
         parts = []
         with torch.no_grad():
             for rows in _row_chunks(shape):
@@ -146,7 +147,7 @@ class _FakeQuantLinearFn(torch.autograd.Function):
     def _rows_backward(ctx, x2, weight, v, scale, zero, grad_out, g2, lo, hi, sym, shape, needs_x, needs_v,
                        needs_scale, needs_zero):
         """dL/dx (this chunk's share), dL/dv, dL/dscale and dL/dzero of one chunk of output rows."""
-        in_features, weight_dtype = weight.shape[1], weight.dtype
+        in_features, weight_dtype = weight.shape[1], torch.promote_types(weight.dtype, x2.dtype)
         device_type, autocast_on, autocast_dtype = ctx.autocast
         ws = _grouped(weight, shape) / scale
         q = ws + v
@@ -261,8 +262,8 @@ class TunedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.is_grad_enabled():
             self.codes_valid = False
-            w_hat, _, _, _ = quant_dequant(self.linear.weight, self.scheme, self.v, self.min_scale, self.max_scale)
-            return F.linear(x, w_hat, self.linear.bias)
+            return fake_quant_linear(x, self.linear.weight, self.linear.bias, self.scheme, self.v, self.min_scale,
+                                     self.max_scale, self.extremes)
         self.codes_valid = True
         return fake_quant_linear(x, self.linear.weight, self.linear.bias, self.scheme, self.v, self.min_scale,
                                  self.max_scale, self.extremes, self.codes)

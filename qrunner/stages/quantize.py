@@ -27,6 +27,7 @@ from qrunner.memory.activations import ActivationFile, BlockRows, Rows, TokenSli
 from qrunner.memory.device import (HOST, begin_block_peak, block_peak_vram_mb, on_device, placed, release_device,
                                    to_device)
 from qrunner.memory.monitor import current_rss_mb
+from qrunner.memory.narrow import narrowed
 from qrunner.memory.trim import keep_freed_memory, release_freed_memory
 from qrunner.pipeline.atomic import remove_tree
 from qrunner.models.adapter import HIDDEN, LayerPlan, get_module
@@ -405,23 +406,11 @@ class QuantizeStage(Stage):
                     bar.set_postfix(iter=f"{step}/{settings.iters}", loss=f"{loss:.2e}")
 
             layers = {rel[p.name]: layer_scheme(p) for p in plans}
-            seed, retries = generator.initial_seed(), []
-            while True:
-                try:
-                    result = tune_block(block, layers, x_q, compared, forward, settings,
-                                        torch.Generator().manual_seed(seed), progress)
-                    times.merge(result.phases, prefix="tune.")
-                    break
-                except torch.OutOfMemoryError as err:
-                    smaller = smaller_micro_batch(settings)
-                    if smaller is None:
-                        raise
-                    ctx.log.warning("quantize: %s out of memory with micro-batch %d (%s); retrying with micro-batch "
-                                    "%d x %d accumulation steps (same effective batch)", block_name,
-                                    settings.batch_size, str(err).splitlines()[0], smaller.batch_size,
-                                    smaller.grad_accum)
-                    retries.append({"micro_batch": settings.batch_size, "retry_micro_batch": smaller.batch_size})
-                    settings = smaller
+            # the tuned weights in their checkpoint's dtype while tuning (exact; the fused layer widens them)
+            with narrowed([get_module(block, r) for r in layers]):
+                result, retries = tune_block_retrying(ctx.log, block, block_name, layers, x_q, compared, forward,
+                                                      settings, generator.initial_seed(), progress)
+            times.merge(result.phases, prefix="tune.")
             weights = {f"{block_name}.{k}": v.to(HOST) for k, v in result.weights.items()}
             return weights, {"rtn_weights": rtn_weights(), "plain_rtn": False, "best_iter": result.best_iter,
                              "first_loss": result.first_loss, "best_loss": result.best_loss,
@@ -436,6 +425,27 @@ class QuantizeStage(Stage):
                        for (n, m), p in zip(modules.items(), plans)}
             return weights, {"rtn_weights": rtn_weights(), "plain_rtn": False}
         return rtn_codes(), {"rtn_weights": None, "plain_rtn": True}
+
+
+def tune_block_retrying(log: Any, block: torch.nn.Module, block_name: str, layers: Dict[str, Any], x_q: Any,
+                       compared: Any, forward: Callable[..., Any], settings: TuneSettings, seed: int,
+                       progress: Callable[[int, float], None]) -> Tuple[Any, List[Dict[str, int]]]:
+    """`tune_block`; out of memory, again with half the micro-batch and twice the accumulation steps (same
+    effective batch, same mini-batches), down to one sample. Returns the result and the retries made."""
+    retries: List[Dict[str, int]] = []
+    while True:
+        try:
+            return tune_block(block, layers, x_q, compared, forward, settings, torch.Generator().manual_seed(seed),
+                              progress), retries
+        except torch.OutOfMemoryError as err:
+            smaller = smaller_micro_batch(settings)
+            if smaller is None:
+                raise
+            log.warning("quantize: %s out of memory with micro-batch %d (%s); retrying with micro-batch %d x %d "
+                        "accumulation steps (same effective batch)", block_name, settings.batch_size,
+                        str(err).splitlines()[0], smaller.batch_size, smaller.grad_accum)
+            retries.append({"micro_batch": settings.batch_size, "retry_micro_batch": smaller.batch_size})
+            settings = smaller
 
 
 def tuning_pair(adapter: Any, block: torch.nn.Module, shared: Dict[str, Any], cfg: Any, target: Any
