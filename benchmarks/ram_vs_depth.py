@@ -382,7 +382,9 @@ def run_autoround(ckpt: Path, depth: int, args: argparse.Namespace) -> Dict[str,
     out_dir = work / "runs" / f"autoround-d{depth}"
     shutil.rmtree(out_dir, ignore_errors=True)
     out_dir.mkdir(parents=True)
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--autoround-child", str(ckpt),
+    # killed (SIGKILL) shortly before the run's timeout, so that /usr/bin/time still reports its peak RSS
+    cap = ["timeout", "--signal=KILL", str(max(60, int(args.timeout) - 60))] if shutil.which("timeout") else []
+    cmd = [*cap, sys.executable, str(Path(__file__).resolve()), "--autoround-child", str(ckpt),
            "--iters", str(args.iters), "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
            "--out", str(out_dir / "model")]
     result = measure(cmd, work / "logs" / f"autoround-d{depth}.log", out_dir, args.timeout)

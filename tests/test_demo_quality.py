@@ -37,7 +37,10 @@ def test_w4a16_rtn_within_pinned_bound_and_tuning_is_no_worse(demo):
     rtn = demo("quant.iters=0")["quality"]
     tuned = demo()["quality"]
     assert rtn["ppl_ratio"] < 1.005  # measured 1.0015
-    assert tuned["ppl_quantized"] <= rtn["ppl_quantized"]  # measured 46.848 vs 46.863
+    # no worse than RTN within evaluation noise: measured 46.848 vs 46.863 on an AVX2 EPYC, 46.871 vs 46.863 on an
+    # AVX-512 Xeon (the same code; MKL's kernels round differently and 50 sign-SGD steps follow them). Tuning's
+    # clear win is asserted at 2 bits below.
+    assert tuned["ppl_quantized"] <= rtn["ppl_quantized"] * 1.0005
 
 
 def test_w2a16_g64_tuning_clearly_beats_rtn(demo):
