@@ -113,6 +113,26 @@ def test_disk_space_is_checked_before_a_stage_writes(tiny_llama, tmp_path, monke
     assert sorted(p.name for p in stages.iterdir()) == ["data", "load"]  # tiny stages fit; capture never started
 
 
+def test_export_disk_estimate_covers_the_export_and_counts_packed_weights(tiny_llama, tmp_path):
+    """The export's disk check: at least what the export writes, and for W4 well under the source's size (a 14B
+    model's 10 GB export was refused on a disk with 9 GB free when the source's 28 GB was the estimate)."""
+    import logging
+
+    from conftest import compose
+    from qrunner.models.registry import get_family
+    from qrunner.session import ModelSession
+    from qrunner.stages.export import ExportStage
+
+    args = _args(tiny_llama, tmp_path, "quant.iters=0")
+    report = run_inprocess(args)
+    cfg, _ = compose(args)
+    session = ModelSession(cfg, get_family(cfg.family.name), logging.getLogger("qrunner"))
+    estimate = ExportStage().estimate_bytes(cfg, session) - (16 << 20)
+    written = sum(f.stat().st_size for f in Path(report["export_dir"]).rglob("*") if f.is_file())
+    assert written <= estimate + (16 << 20)
+    assert estimate < 0.7 * session.checkpoint_bytes()
+
+
 def test_truncated_artifact_is_detected_named_and_its_stage_rerun(tiny_llama, tmp_path, clean_export):
     first = run_inprocess(_args(tiny_llama, tmp_path))
     run_dir = Path(first["run_dir"])
