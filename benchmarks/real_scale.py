@@ -6,7 +6,9 @@ The export check reads a few layers of the exported AutoRound checkpoint (qweigh
 with safe_open), unpacks them (`qrunner.export.auto_round.unpack_layer`, the layout transformers' AutoRound
 loader reads: tests/test_export_loads_in_transformers.py checks that on small models), dequantizes, and
 compares with the source checkpoint's bf16 weights group by group: every element within one quantization
-step (|w - w_q| <= |scale|, plus the fp16 scale's rounding), and the relative RMS error.
+step of the source clipped to its group's grid (|w - w_q| <= |scale| + the distance of w outside the grid: the
+rounding offsets move a weight by at most half a step beyond rounding's half step, and min/max tuning may
+narrow a group's range, clipping the weights beyond it), and the relative RMS error.
 """
 from __future__ import annotations
 
@@ -65,8 +67,14 @@ def check_export(source: Path, export: Path, depth: int,
             qw = unpack_layer(packed, int(qc["bits"]), group, bool(qc["sym"]), qc["packing_format"], in_f, out_f)
             wq = qw.dequantize(torch.float32)
             err = (wq - w).abs()
-            step = qw.scale.float().abs().repeat_interleave(group, dim=1)[:, :in_f]
-            worst = float((err / step.clamp_min(1e-12)).max())
+            scale = qw.scale.float().repeat_interleave(group, dim=1)[:, :in_f]
+            zero = qw.zero.float().repeat_interleave(group, dim=1)[:, :in_f]
+            step = scale.abs()
+            # the group's grid [scale * (0 - zero), scale * (maxq - zero)]: AutoRound's min/max tuning may narrow
+            # it, and a weight outside it is clipped to its end; the error beyond that distance is rounding's
+            ends = torch.stack([scale * (0 - zero), scale * ((2 ** int(qc["bits"]) - 1) - zero)])
+            outside = (ends.amin(0) - w).clamp_min(0) + (w - ends.amax(0)).clamp_min(0)
+            worst = float(((err - outside) / step.clamp_min(1e-12)).max())
             rows.append({"layer": name, "shape": [out_f, in_f],
                          "max_error_in_steps": round(worst, 4),
                          "rel_rms_error": round(float(err.pow(2).mean().sqrt() / w.pow(2).mean().sqrt()), 4)})
