@@ -24,7 +24,7 @@ import gc
 import os
 from contextlib import contextmanager
 from functools import lru_cache
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence, Tuple
 
 
 @lru_cache(maxsize=1)
@@ -76,18 +76,15 @@ _MMAP_THRESHOLD_MAX = 32 << 20
 
 
 @contextmanager
-def keep_freed_memory(mmap_threshold: int = 256 << 20, trim_threshold: int = 1 << 30) -> Iterator[bool]:
-    """Inside: freed memory stays in the C heap for reuse (allocations up to `mmap_threshold` come from the heap, and
-    up to `trim_threshold` bytes of free heap top are kept), so a loop that frees and allocates the same sizes
-    does not fault its pages in again every turn. The peak is the loop's working set either way; what changes is
-    that RSS stays there until the loop ends. After: glibc's usual limits (as its own adjustment leaves them after
-    large frees) and a trim. Yields False where the C library has no mallopt (non-glibc): nothing changes."""
+def _malloc_options(options: Sequence[Tuple[int, int]]) -> Iterator[bool]:
+    """Inside: the mallopt `options` ((parameter, value) pairs). After: glibc's usual limits (as its own adjustment
+    leaves them after large frees) and a trim. Yields False where the C library has no mallopt (non-glibc)."""
     libc = _libc()
     if libc is None or not hasattr(libc, "mallopt"):
         yield False
         return
-    libc.mallopt(_M_MMAP_THRESHOLD, int(mmap_threshold))
-    libc.mallopt(_M_TRIM_THRESHOLD, int(trim_threshold))
+    for parameter, value in options:
+        libc.mallopt(parameter, int(value))
     try:
         yield True
     finally:
@@ -97,20 +94,22 @@ def keep_freed_memory(mmap_threshold: int = 256 << 20, trim_threshold: int = 1 <
 
 
 @contextmanager
+def keep_freed_memory(mmap_threshold: int = 256 << 20, trim_threshold: int = 1 << 30) -> Iterator[bool]:
+    """Inside: freed memory stays in the C heap for reuse (allocations up to `mmap_threshold` come from the heap, and
+    up to `trim_threshold` bytes of free heap top are kept), so a loop that frees and allocates the same sizes
+    does not fault its pages in again every turn. The peak is the loop's working set either way; what changes is
+    that RSS stays there until the loop ends. After: glibc's usual limits and a trim. Yields False where the C
+    library has no mallopt (non-glibc): nothing changes."""
+    with _malloc_options([(_M_MMAP_THRESHOLD, mmap_threshold), (_M_TRIM_THRESHOLD, trim_threshold)]) as active:
+        yield active
+
+
+@contextmanager
 def return_freed_memory(mmap_threshold: int = 1 << 20) -> Iterator[bool]:
     """The opposite trade, for memory=low: inside, every allocation from `mmap_threshold` up is mapped on its own
     and unmapped when freed, so a loop's freed tensors leave no heap slack behind (on an 8B model's block, tuning's
     peak 255 MiB lower) and each turn faults its pages in again (about 10 % of that block's tuning time here).
     glibc's dynamic threshold would otherwise rise to the largest freed mapping (up to 32 MiB) and serve smaller
     tensors from the heap. After: as `keep_freed_memory` leaves it. Yields False where there is no mallopt."""
-    libc = _libc()
-    if libc is None or not hasattr(libc, "mallopt"):
-        yield False
-        return
-    libc.mallopt(_M_MMAP_THRESHOLD, int(mmap_threshold))
-    try:
-        yield True
-    finally:
-        libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)
-        libc.mallopt(_M_TRIM_THRESHOLD, 2 * _MMAP_THRESHOLD_MAX)
-        release_freed_memory()
+    with _malloc_options([(_M_MMAP_THRESHOLD, mmap_threshold)]) as active:
+        yield active
