@@ -47,18 +47,7 @@ def install_stop_handlers(log: Optional[logging.Logger] = None) -> None:
         signal.signal(signum, request)
 
 
-def stop_requested() -> Optional[int]:
-    """The signal that asked this process to stop, if one has."""
-    return _requested
-
-
 def stop_point() -> None:
     """A safe place to stop: raises StopRequested when a stop signal has arrived."""
     if _requested is not None:
         raise StopRequested(_requested)
-
-
-def reset() -> None:
-    """Forget a requested stop (tests running several pipelines in one process)."""
-    global _requested
-    _requested = None
