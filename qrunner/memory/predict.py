@@ -64,9 +64,14 @@ def _block_tuning_bytes(cfg: Any, session: Any, batch_size: int) -> Dict[str, in
     mb_tokens = min(batch_size, rows or batch_size) * tokens
     held = _stored_bytes(session, c) if tuned else c
     fused = largest_layer * 4 + min(largest_layer, CHUNK_ELEMENTS) * 24
-    return {"weights": (block_params - linear_params) * c + linear_params * held,
-            "tuning": block_params * 2 + (block_params * 4 + fused if tuned else 0),
-            "backward": mb_tokens * ((10 * hidden + 4 * inter) if tuned else (2 * hidden + inter)) * 4}
+    if tuned:
+        return {"weights": (block_params - linear_params) * c + linear_params * held,
+                "tuning": block_params * 2 + block_params * 4 + fused,
+                "backward": mb_tokens * (10 * hidden + 4 * inter) * 4}
+    # round-to-nearest: the quantized forward holds the block twice (its weights and their dequantized copies) and
+    # the codes; quantizing one layer takes about 12 bytes a weight of float32 temporaries
+    return {"weights": 2 * block_params * c, "tuning": block_params + largest_layer * 12,
+            "backward": mb_tokens * (2 * hidden + inter) * 4}
 
 
 def predict_device_peak_mb(cfg: Any, session: Any, batch_size: int = 0) -> float:
