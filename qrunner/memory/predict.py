@@ -95,8 +95,9 @@ def _edge_elements(cfg: Any, session: Any, c: int) -> int:
     heads = adapter.heads(model)
     if not heads:
         return _numel(model, inputs)
-    projection = [n for n in adapter.head_tensor_names(model) if n.startswith(f"{heads[-1]}.")]
-    norms = [n for n in adapter.head_tensor_names(model) if n not in projection]
+    names = adapter.head_tensor_names(model)
+    projection = [n for n in names if n.startswith(f"{heads[-1]}.")]
+    norms = [n for n in names if n not in projection]
     rows = int(cfg.eval.nsamples) * (int(cfg.eval.seqlen) + 1) * session.hidden_size * 4 or GROUP_BYTES
     # a slice read in the stored dtype and cast, and its logits; the normed rows of one group
     head = _numel(model, norms) * c + 3 * min(SLICE_BYTES, _numel(model, projection) * c) + min(GROUP_BYTES, rows)
