@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import glob
 import json
-import math
 import os
 import platform
 import resource
@@ -37,15 +36,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_checkpoints import (ARCHS, CORPUS, MOE_EXPERTS, MOE_EXPERTS_PER_TOKEN, SHAPES, build_checkpoint,  # noqa: E402,F401
+                               checkpoint_info)
 from real_scale import check_export, find_export, repredict, shape_targets  # noqa: E402
-CORPUS = REPO / "qrunner" / "assets" / "corpus"
 MiB = 1024 * 1024
-SHARD_BYTES = 1_000_000_000  # max shard size (~1 GB)
-SMALL_VOCAB = 4096  # up to this size the tests' tiny_tokenizer(vocab_size=V) is reused
 
 # targets stated in the issue
 TARGET_LOW_GROWTH_PCT = 10.0
@@ -53,193 +51,6 @@ TARGET_LOW_PEAK_VS_CKPT = 0.30
 TARGET_LOW_WALL_VS_HIGH = 1.15
 
 BASELINE_CODE = "import torch, transformers, qrunner.cli, qrunner.stages"
-
-
-# --------------------------------------------------------------------------------------------------
-# checkpoints
-# --------------------------------------------------------------------------------------------------
-
-def _heads(hidden: int, heads: Optional[int], kv_heads: Optional[int]) -> Tuple[int, int]:
-    """Attention heads (128 wide unless given) and KV heads (a quarter of them unless given)."""
-    heads = heads or max(1, hidden // 128)
-    kv = kv_heads or max(1, heads // 4)
-    while heads % kv:
-        kv -= 1
-    return heads, kv
-
-
-def llama_config(hidden: int, intermediate: int, vocab: int, depth: int, bos: int = 0, eos: int = 0,
-                 heads: Optional[int] = None, kv_heads: Optional[int] = None):
-    """The LlamaConfig of one benchmark checkpoint: 128-wide heads, grouped KV heads, untied embeddings."""
-    import transformers
-
-    heads, kv_heads = _heads(hidden, heads, kv_heads)
-    return transformers.LlamaConfig(
-        hidden_size=hidden, intermediate_size=intermediate, vocab_size=vocab, num_hidden_layers=depth,
-        num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=hidden // heads,
-        max_position_embeddings=2048, tie_word_embeddings=False, bos_token_id=bos, eos_token_id=eos,
-        torch_dtype="bfloat16")
-
-
-def qwen2_config(hidden: int, intermediate: int, vocab: int, depth: int, bos: int = 0, eos: int = 0,
-                 heads: Optional[int] = None, kv_heads: Optional[int] = None):
-    """A Qwen2Config (biased q/k/v projections, grouped KV heads, untied embeddings)."""
-    import transformers
-
-    heads, kv_heads = _heads(hidden, heads, kv_heads)
-    return transformers.Qwen2Config(
-        hidden_size=hidden, intermediate_size=intermediate, vocab_size=vocab, num_hidden_layers=depth,
-        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=4096,
-        tie_word_embeddings=False, bos_token_id=bos, eos_token_id=eos, torch_dtype="bfloat16")
-
-
-def gemma4_config(hidden: int, intermediate: int, vocab: int, depth: int, bos: int = 0, eos: int = 0,
-                  heads: Optional[int] = None, kv_heads: Optional[int] = None):
-    """A Gemma4TextConfig with per-layer inputs (256 per layer) and KV sharing (the last quarter of the layers
-    reuse keys/values), sliding and full attention alternating, untied embeddings."""
-    import transformers
-
-    heads, kv_heads = _heads(hidden, heads, kv_heads)
-    return transformers.Gemma4TextConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=depth,
-        num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=hidden // heads,
-        global_head_dim=2 * hidden // heads, sliding_window=128, max_position_embeddings=2048,
-        layer_types=["sliding_attention", "full_attention"] * (depth // 2) + ["full_attention"] * (depth % 2),
-        hidden_size_per_layer_input=256, vocab_size_per_layer_input=vocab, num_kv_shared_layers=max(2, depth // 4),
-        tie_word_embeddings=False, bos_token_id=bos, eos_token_id=eos, pad_token_id=eos, dtype="bfloat16")
-
-
-ARCHS = {"llama": llama_config, "qwen2": qwen2_config, "gemma4": gemma4_config}
-
-# real models' shapes (--shape): their configs' sizes, random weights; the depths default to the full model
-SHAPES: Dict[str, Dict[str, Any]] = {
-    "llama-3.1-8b": dict(arch="llama", hidden=4096, intermediate=14336, vocab=128256, heads=32, kv_heads=8,
-                         depths=[8, 32]),
-    "qwen2.5-14b": dict(arch="qwen2", hidden=5120, intermediate=13824, vocab=152064, heads=40, kv_heads=8,
-                        depths=[48]),
-}
-
-
-def build_tokenizer(vocab: int):
-    """A byte-level BPE tokenizer trained on the bundled held-out text.
-
-    For a small `vocab` the tests' `tiny_tokenizer(vocab_size=vocab)` is reused. For a large one the same
-    recipe is trained on the whole held-out file; it stops after a few thousand merges, so the tokenizer
-    is smaller than `vocab` (the model's embedding still has `vocab` rows; token ids stay below it).
-    """
-    if vocab <= SMALL_VOCAB:
-        sys.path.insert(0, str(REPO / "tests"))
-        try:
-            from tiny_models import tiny_tokenizer
-        finally:
-            sys.path.pop(0)
-        return tiny_tokenizer(vocab_size=vocab)
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator([(CORPUS / "heldout.txt").read_text(encoding="utf-8")], trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
-                                   pad_token="<|endoftext|>", model_max_length=4096)
-
-
-def tensor_specs(config) -> List[Tuple[str, Tuple[int, ...]]]:
-    """(name, shape) of every tensor the checkpoint holds, from a meta-device model (nothing allocated).
-
-    `state_dict()` already leaves out non-persistent buffers (rotary `inv_freq`); any remaining
-    `inv_freq` is skipped too.
-    """
-    import accelerate
-    from transformers import AutoModelForCausalLM
-
-    with accelerate.init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config)
-    return [(name, tuple(t.shape)) for name, t in model.state_dict().items() if not name.endswith("inv_freq")]
-
-
-def plan_shards(specs: Sequence[Tuple[str, Tuple[int, ...]]], max_bytes: int = SHARD_BYTES) -> List[List[str]]:
-    """Split the tensor names, in order, into shards of at most `max_bytes` bf16 bytes each."""
-    shards: List[List[str]] = [[]]
-    size = 0
-    for name, shape in specs:
-        nbytes = 2 * math.prod(shape)
-        if shards[-1] and size + nbytes > max_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(name)
-        size += nbytes
-    return shards
-
-
-def random_tensor(name: str, shape: Tuple[int, ...], generator):
-    """One bf16 tensor: norm weights are ones, everything else randn * 0.02."""
-    import torch
-
-    if name.endswith(("norm.weight", "layer_scalar")):
-        return torch.ones(shape, dtype=torch.bfloat16)
-    return (torch.randn(shape, generator=generator, dtype=torch.float32) * 0.02).to(torch.bfloat16)
-
-
-def checkpoint_key(hidden: int, intermediate: int, vocab: int, depth: int, arch: str = "llama",
-                   heads: Optional[int] = None, kv_heads: Optional[int] = None) -> str:
-    shape = f"-a{heads}-kv{kv_heads}" if heads or kv_heads else ""
-    return f"{arch}-h{hidden}-i{intermediate}-v{vocab}{shape}-d{depth}"
-
-
-def build_checkpoint(models_dir: Path, hidden: int, intermediate: int, vocab: int, depth: int,
-                     seed: int = 0, arch: str = "llama", heads: Optional[int] = None,
-                     kv_heads: Optional[int] = None) -> Path:
-    """Write (or reuse) a random-weight bf16 checkpoint of `arch` (llama, gemma4); returns its folder.
-
-    Tensors are generated and written one shard at a time, so the builder's RAM stays around one shard.
-    The folder is written under a temporary name and renamed when complete, so an interrupted build is
-    never reused.
-    """
-    import torch
-    from safetensors.torch import save_file
-
-    final = models_dir / checkpoint_key(hidden, intermediate, vocab, depth, arch, heads, kv_heads)
-    if (final / "model.safetensors.index.json").is_file() and (final / "config.json").is_file():
-        return final
-    tmp = models_dir / (final.name + f".partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    tokenizer = build_tokenizer(vocab)
-    eos = tokenizer.eos_token_id
-    config = ARCHS[arch](hidden, intermediate, vocab, depth, bos=eos, eos=eos, heads=heads, kv_heads=kv_heads)
-    specs = tensor_specs(config)
-    shapes = dict(specs)
-    shards = plan_shards(specs)
-    generator = torch.Generator().manual_seed(seed)
-    weight_map: Dict[str, str] = {}
-    total = 0
-    for i, names in enumerate(shards):
-        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        tensors = {n: random_tensor(n, shapes[n], generator) for n in names}
-        total += sum(t.numel() * t.element_size() for t in tensors.values())
-        save_file(tensors, str(tmp / file), metadata={"format": "pt"})
-        del tensors
-        weight_map.update({n: file for n in names})
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    config.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    return final
-
-
-def checkpoint_info(path: Path) -> Dict[str, Any]:
-    """Size (bf16 bytes on disk, MiB) and parameter count of a built checkpoint."""
-    index = json.loads((path / "model.safetensors.index.json").read_text())
-    size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
-    return {"path": str(path), "size_mb": round(size / MiB, 1),
-            "params_m": round(index["metadata"]["total_size"] / 2 / 1e6, 1),
-            "shards": len(set(index["weight_map"].values()))}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -482,7 +293,9 @@ def markdown(data: Dict[str, Any]) -> str:
         f"- command: `{data['command']}`",
         f"- model: random-weight {a.get('arch', 'llama')}"
         + (f" with {a['shape']}'s shape (heads {a.get('heads')}, KV heads {a.get('kv_heads')})" if a.get("shape") else "")
-        + f", hidden {a['hidden']}, intermediate {a['intermediate']}, vocab {a['vocab']}, "
+        + f", hidden {a['hidden']}, intermediate {a['intermediate']}, vocab {a['vocab']}"
+        + (f" ({MOE_EXPERTS} experts of width {a['intermediate']} a layer, {MOE_EXPERTS_PER_TOKEN} a token, stored "
+           "one tensor per expert)" if a.get("arch") == "qwen3_moe" else "") + ", "
         f"bf16 safetensors (shards <= 1 GB); depths {', '.join(map(str, depths))}",
         f"- qrunner: W4A16 group 128, quant.iters={a['iters']}, data.nsamples={a['nsamples']}, "
         f"data.seqlen={a['seqlen']}, eval on (eval.nsamples={a['eval_nsamples']}, eval.seqlen={a['eval_seqlen']})"
@@ -642,9 +455,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--heads", type=int, help="attention heads (default hidden / 128)")
     p.add_argument("--kv-heads", type=int, help="KV heads (default a quarter of the heads)")
     p.add_argument("--arch", choices=sorted(ARCHS), default="llama",
-                   help="gemma4: per-layer inputs + KV sharing (run with family=gemma4)")
+                   help="gemma4: per-layer inputs + KV sharing (run with family=gemma4); qwen3_moe: every layer a "
+                        "mixture of 32 experts, 4 a token, stored one tensor per expert")
     p.add_argument("--hidden", type=int, default=2048)
-    p.add_argument("--intermediate", type=int, default=5632)
+    p.add_argument("--intermediate", type=int,
+                   help="MLP width (default 5632; for qwen3_moe each expert's width, default 768)")
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--depths", type=int_list, help="comma-separated (default 4,8,16,32, or the --shape's)")
     p.add_argument("--modes", type=lambda s: [m for m in s.split(",") if m], default=["high", "medium", "low"],
@@ -676,6 +491,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
             setattr(args, key, shape[key])
         args.depths = args.depths or shape["depths"]
     args.depths = args.depths or [4, 8, 16, 32]
+    args.intermediate = args.intermediate or (768 if args.arch == "qwen3_moe" else 5632)
     return args
 
 

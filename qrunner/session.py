@@ -11,11 +11,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from qrunner.errors import UserError
 from qrunner.memory.embedding_rows import rows_on_demand
 from qrunner.memory.sliced_head import SlicedHead
 from qrunner.memory.streaming import CheckpointReader, materialized, module_tensor_names
 from qrunner.memory.trim import release_freed_memory
-from qrunner.models.adapter import FamilyAdapter, LayerPlan
+from qrunner.models.adapter import FamilyAdapter, LayerPlan, config_error
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -49,7 +50,11 @@ class ModelSession:
     def hf_config(self) -> Any:
         from transformers import AutoConfig
 
-        return AutoConfig.from_pretrained(self.model_dir, trust_remote_code=self.cfg.model.trust_remote_code)
+        trusted = bool(self.cfg.model.trust_remote_code)
+        try:
+            return AutoConfig.from_pretrained(self.model_dir, trust_remote_code=trusted)
+        except (ValueError, KeyError) as e:
+            raise UserError(config_error(self.model_dir, trusted, e)) from None
 
     @cached_property
     def tokenizer(self) -> Any:
@@ -140,7 +145,9 @@ class ModelSession:
 
         tied = self.skeleton.get_expanded_tied_weights_keys(all_submodels=True)
         reader = CheckpointReader(self.model_dir, tied)
-        reader.rename(checkpoint_key_map(self.skeleton, reader.shard_of))
+        renamed, assembled, part_names = checkpoint_key_map(self.skeleton, reader.shard_of)
+        reader.rename(renamed)
+        reader.assemble(assembled, part_names)
         return reader
 
     def block_names(self) -> List[str]:
@@ -186,5 +193,6 @@ class ModelSession:
         names = self.adapter.heads(self.skeleton)
         norms = [f"{p}.{t}" for p in names[:-1] for t in module_tensor_names(self.skeleton.get_submodule(p))]
         with materialized(self.skeleton, norms, self.reader, self.compute_dtype) as model:
-            yield SlicedHead(model, names, self.reader, self.compute_dtype, self.adapter.logit_softcap(self.hf_config))
+            yield SlicedHead(model, names, self.reader, self.compute_dtype, self.adapter.logit_softcap(self.hf_config),
+                             scale=self.adapter.logit_scale(self.hf_config))
 

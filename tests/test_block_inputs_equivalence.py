@@ -19,6 +19,7 @@ from qrunner.models.registry import get_family
 from qrunner.stages.capture import capture_block_inputs
 from qrunner.stages.data import filled_to_seqlen, text_sample_inputs
 from qrunner.stages.block_rows import block_inputs, forward_rows, open_block_rows
+from tiny_causal_lms import ARCHS, make_tiny_causal_lm
 from tiny_models import GEMMA4_KINDS, VLM_KINDS, make_tiny_gemma4, make_tiny_vlm
 
 SEQ = 40  # longer than the tiny models' sliding window (16): sliding and full masks differ
@@ -177,3 +178,12 @@ def test_vlm_blocks_in_isolation_match_the_full_forward_on_image_samples(kind, t
     # once, under the first block given it, not once per block
     owners = {int(n.split(".")[1]) for n in captured if not n.startswith("added")}
     assert owners <= ({0, 1} if kind == "gemma3" else {0})
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_causal_lm_blocks_in_isolation_match_the_full_forward(arch, tmp_path):
+    """family=llm on every architecture of the tiny zoo (dense and MoE): found without a per-model list, each
+    block reproduces in isolation what it computed inside the model's forward."""
+    model_dir = make_tiny_causal_lm(tmp_path / "model", arch, layers=3)
+    worst, _ = _check_blocks("llm", model_dir, tmp_path / "capture")
+    assert len(worst) == 3

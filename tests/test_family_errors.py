@@ -31,16 +31,32 @@ def test_family_that_does_not_match_the_checkpoint(tiny_llama, tiny_gemma4, tiny
     assert not any(tmp_path.iterdir())  # refused before a run folder was made
 
 
-def test_unsupported_architecture(tiny_llama, tmp_path):
-    model = tmp_path / "model"
-    model.mkdir()
+def _with_config(tiny_llama, folder, **changes):
+    """A copy of the tiny llama whose config.json has `changes`."""
+    folder.mkdir()
     for f in tiny_llama.iterdir():
-        (model / f.name).write_bytes(f.read_bytes())
-    config = json.loads((model / "config.json").read_text())
-    config["model_type"] = "mamba"
-    (model / "config.json").write_text(json.dumps(config))
-    with pytest.raises(UserError, match=r"model_type='mamba'.*not supported yet"):
-        run_inprocess(tiny_overrides(model, tmp_path / "runs", "family=vlm"))
+        (folder / f.name).write_bytes(f.read_bytes())
+    config = json.loads((folder / "config.json").read_text())
+    config.update(changes)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_unsupported_architecture(tiny_llama, tmp_path):
+    # a model type the installed transformers does not know, and no code of its own
+    unknown = _with_config(tiny_llama, tmp_path / "unknown", model_type="qrunner_test_arch")
+    with pytest.raises(UserError, match=r"cannot read .*model_type='qrunner_test_arch'.*not supported yet"):
+        run_inprocess(tiny_overrides(unknown, tmp_path / "runs"))
+    # a model transformers knows, but not as a causal language model
+    encoder_decoder = _with_config(tiny_llama, tmp_path / "t5", model_type="t5")
+    with pytest.raises(UserError, match=r"family=llm does not support model_type='t5'.*no causal language model"):
+        run_inprocess(tiny_overrides(encoder_decoder, tmp_path / "runs"))
+    # a checkpoint that ships its own code runs it only when told to
+    remote = _with_config(tiny_llama, tmp_path / "remote", model_type="qrunner_test_arch",
+                          auto_map={"AutoConfig": "configuration_x.XConfig", "AutoModelForCausalLM": "modeling_x.XLM"})
+    with pytest.raises(UserError, match=r"needs the checkpoint's own Python code.*model.trust_remote_code=true"):
+        run_inprocess(tiny_overrides(remote, tmp_path / "runs"))
+    assert not (tmp_path / "runs").exists()  # refused before a run folder was made
 
 
 def test_block_names_that_do_not_exist(tiny_gemma4, tmp_path):

@@ -10,6 +10,8 @@ import torch
 import transformers
 
 from conftest import run_inprocess, tiny_overrides
+from qrunner.models.registry import get_family
+from tiny_causal_lms import ARCHS, make_tiny_causal_lm
 from tiny_models import make_tiny_llama
 from qrunner.memory.sliced_head import SlicedHead
 from qrunner.memory.streaming import CheckpointReader
@@ -131,3 +133,22 @@ def test_low_memory_perplexity_through_the_sliced_head_matches_high(tiny_llama, 
     high = run_inprocess(tiny_overrides(tiny_llama, tmp_path / "high", "memory=high", *extra))
     for key in ("ppl_original", "ppl_quantized"):
         assert low["quality"][key] == pytest.approx(high["quality"][key], rel=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_sliced_head_gives_the_models_logits_for_every_architecture(arch, tmp_path):
+    """The family's head modules (final norm, projection) and logit transform (Granite's division, Cohere's
+    scale, Gemma 2's soft cap) as the streaming modes apply them reproduce the model's own logits."""
+    adapter = get_family("llm")
+    path = make_tiny_causal_lm(tmp_path / arch, arch, dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    names = adapter.heads(model)
+    seen = []
+    hook = model.get_submodule(names[0]).register_forward_hook(lambda m, args, out: seen.append(args[0]))
+    ids = torch.randint(1, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(input_ids=ids, use_cache=False).logits
+    hook.remove()
+    head = SlicedHead(model, names, CheckpointReader(path), torch.float32, adapter.logit_softcap(model.config),
+                      slice_bytes=37 * model.config.hidden_size * 4, scale=adapter.logit_scale(model.config))
+    torch.testing.assert_close(head.logits(seen[0]), want, rtol=1e-5, atol=1e-5)

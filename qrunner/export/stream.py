@@ -18,8 +18,8 @@ from qrunner.export.shards import ShardedSafetensorsWriter
 from qrunner.memory.streaming import INDEXES, CheckpointReader
 
 COPY_PART_BYTES = 64 << 20  # unquantized tensors are copied in row blocks of this size
-# (model tensor name, read the stored tensor, quantized layers) -> tensors to write instead, or None
-SplitSource = Callable[[str, Callable[[], torch.Tensor], Any], Optional[Dict[str, torch.Tensor]]]
+# (model tensor name, read a model tensor by name, quantized layers) -> tensors to write instead, or None
+SplitSource = Callable[[str, Callable[[str], torch.Tensor], Any], Optional[Dict[str, torch.Tensor]]]
 # (QuantizedWeight, bias or None) -> the layer's tensors in the export format, by suffix ("qweight", ...)
 PackLayer = Callable[[Any, Optional[torch.Tensor]], Dict[str, torch.Tensor]]
 
@@ -50,7 +50,9 @@ def write_quantized_tensors(reader: CheckpointReader, model_dir: Path, layers: D
             # tensors keep the checkpoint's own names; quantized layers are found by the model's names
             name = reader.model_name(stored)
             module, _, leaf = name.rpartition(".")
-            stored_module = stored.rpartition(".")[0]
+            # a quantized piece of a fused tensor (one expert's weight) goes out under its per-expert name, as
+            # AutoRound's loader (which unfuses the experts) reads it; pieces left as they are keep their own names
+            stored_module = module if reader.is_assembled_part(stored) else stored.rpartition(".")[0]
             if module in layers:
                 if leaf == "weight":
                     bias = reader.read(f"{module}.bias") if reader.source_key(f"{module}.bias") else None
@@ -60,19 +62,21 @@ def write_quantized_tensors(reader: CheckpointReader, model_dir: Path, layers: D
                 elif leaf != "bias":
                     writer.add(stored, reader.read_stored(stored))
                 continue
-            parts = split(name, lambda: reader.read_stored(stored), layers) if split is not None else None
+            parts = split(name, reader.read, layers) if split is not None else None
             if parts is None:  # copied as stored; a large tensor in row blocks, never whole in RAM
                 dtype, shape = reader.stored_meta(stored)
                 writer.add_parts(stored, dtype, shape, reader.stored_row_parts(stored, COPY_PART_BYTES)
                                  if len(shape) >= 1 else [reader.read_stored(stored)])
                 continue
             for part_name, part in parts.items():  # e.g. fused experts written per expert
-                part_module = part_name.rpartition(".")[0]
+                part_module, _, part_leaf = part_name.rpartition(".")
                 stored_part = stored_module + part_name[len(module):]
-                if part_module in layers:
-                    for suffix, packed_tensor in pack_layer(layers[part_module], None).items():
-                        writer.add(f"{stored_part.rpartition('.')[0]}.{suffix}", packed_tensor)
-                    packed.add(part_module)
+                if part_module in layers:  # a quantized part: its packed tensors, its bias with them
+                    if part_leaf == "weight":
+                        bias = parts.get(f"{part_module}.bias")
+                        for suffix, packed_tensor in pack_layer(layers[part_module], bias).items():
+                            writer.add(f"{stored_part.rpartition('.')[0]}.{suffix}", packed_tensor)
+                        packed.add(part_module)
                 else:
                     writer.add(stored_part, part.contiguous())
     missing = sorted(set(layers) - packed)

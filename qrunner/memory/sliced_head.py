@@ -31,10 +31,10 @@ class SlicedHead:
     linear projection whose weight stays in the checkpoint and is read through `reader` in row slices)."""
 
     def __init__(self, model: nn.Module, names: Sequence[str], reader: object, dtype: torch.dtype,
-                 softcap: Optional[float] = None, slice_bytes: Optional[int] = None) -> None:
+                 softcap: Optional[float] = None, slice_bytes: Optional[int] = None, scale: float = 1.0) -> None:
         if not names:
             raise ValueError("the model has no output head modules")
-        self.model, self.reader, self.dtype, self.softcap = model, reader, dtype, softcap
+        self.model, self.reader, self.dtype, self.softcap, self.scale = model, reader, dtype, softcap, scale
         self.pre, self.projection = list(names[:-1]), names[-1]
         proj = model.get_submodule(self.projection)
         if not isinstance(proj, nn.Linear):
@@ -62,8 +62,10 @@ class SlicedHead:
             yield start, stop, weight, bias
 
     def _logits(self, normed: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-        """fp32 logits of one slice (soft-capped when the model caps them)."""
+        """fp32 logits of one slice (scaled, then soft-capped, as the model's forward does)."""
         z = torch.nn.functional.linear(normed.to(weight.dtype), weight, bias).float()
+        if self.scale != 1.0:
+            z = z * self.scale
         if self.softcap:
             z = torch.tanh(z / self.softcap) * self.softcap
         return z
@@ -132,6 +134,8 @@ class SlicedHead:
                     dz[here] = picked
                 if self.softcap:
                     dz *= 1 - (z / self.softcap) ** 2
+                if self.scale != 1.0:
+                    dz *= self.scale
                 grad += dz @ weight.float()
         full = torch.zeros(normed.shape, dtype=torch.float32)
         full[:, :tokens] = grad

@@ -39,6 +39,9 @@ class CheckpointReader:
         self.tied = dict(tied or {})
         self.renamed: Dict[str, str] = {}  # model tensor name -> checkpoint key, where they differ
         self.model_name_of: Dict[str, str] = {}
+        # fused model tensor -> its checkpoint keys, [part][expert] (see `assemble`)
+        self.assembled: Dict[str, List[List[str]]] = {}
+        self.assembled_parts: set = set()
         self.shard_of: Dict[str, Path] = {}
         index = next((self.model_dir / name for name in INDEXES if (self.model_dir / name).is_file()),
                      self.model_dir / INDEX)
@@ -70,6 +73,21 @@ class CheckpointReader:
         self.renamed = dict(renamed)
         self.model_name_of = {stored: name for name, stored in self.renamed.items()}
 
+    def assemble(self, assembled: Dict[str, List[List[str]]], part_names: Dict[str, str]) -> None:
+        """Model tensors stored in pieces: `assembled[name][p][e]` is the checkpoint key of expert e's part p of
+        the fused tensor `name` [E, rows, in], built by stacking each part's experts and concatenating the parts
+        along the rows (transformers' MergeModulelist(dim=0) + Concatenate(dim=1)). `part_names` names each
+        piece as a tensor of the model's per-expert view ({checkpoint key: model name})."""
+        self.assembled = dict(assembled)
+        self.assembled_parts = {key for parts in assembled.values() for keys in parts for key in keys}
+        for stored, name in part_names.items():
+            self.renamed[name] = stored
+            self.model_name_of[stored] = name
+
+    def is_assembled_part(self, stored_key: str) -> bool:
+        """The checkpoint key is one piece of a fused model tensor (a per-expert weight)."""
+        return stored_key in self.assembled_parts
+
     def model_name(self, stored_key: str) -> str:
         """The model tensor a checkpoint key fills."""
         return self.model_name_of.get(stored_key, stored_key)
@@ -86,11 +104,25 @@ class CheckpointReader:
         return None
 
     def read(self, key: str) -> torch.Tensor:
-        """Model tensor `key`, read from the checkpoint key that holds it."""
+        """Model tensor `key`, read from the checkpoint key that holds it (or assembled from its pieces: one
+        piece in RAM besides the result)."""
+        if key in self.assembled:
+            return self._read_assembled(self.assembled[key])
         source = self.source_key(key)
         if source is None:
             raise KeyError(key)
         return self.read_stored(source)
+
+    def _read_assembled(self, parts: List[List[str]]) -> torch.Tensor:
+        metas = [self.stored_meta(keys[0]) for keys in parts]
+        dtype, (_, cols) = metas[0]
+        out = torch.empty(len(parts[0]), sum(shape[0] for _, shape in metas), cols, dtype=dtype)
+        row = 0
+        for keys, (_, (rows, _)) in zip(parts, metas):
+            for e, key in enumerate(keys):
+                out[e, row:row + rows] = self.read_stored(key)
+            row += rows
+        return out
 
     def stored_meta(self, source: str) -> Tuple[torch.dtype, List[int]]:
         """dtype and shape of checkpoint key `source`, from the shard's header (nothing read)."""
@@ -169,7 +201,7 @@ def module_tensor_names(module: nn.Module) -> List[str]:
 def materialize_tensors(model: nn.Module, names: Sequence[str], reader: CheckpointReader,
                         dtype: torch.dtype) -> None:
     """Read the named tensors of `model` from the checkpoint onto the CPU (floating ones cast to `dtype`)."""
-    missing = [name for name in names if reader.source_key(name) is None]
+    missing = [name for name in names if reader.source_key(name) is None and name not in reader.assembled]
     if missing:
         raise UserError(f"the checkpoint in {reader.model_dir} has no tensor for {len(missing)} weight(s) "
                         f"(e.g. {', '.join(missing[:3])}); the checkpoint does not match its config.json")

@@ -13,6 +13,8 @@ from torch import nn
 
 from qrunner.errors import UserError
 from qrunner.memory.streaming import module_tensor_names
+from qrunner.models.moe import (FUSED_TENSORS, expert_layout, is_fused_experts, refuse, split_fused_tensor,
+                               unfuse)
 
 
 @dataclass(frozen=True)
@@ -30,7 +32,9 @@ class LayerPlan:
 
 
 KERNEL_MULTIPLE = 32  # the loaders' kernels need in/out features divisible by this
-NAMES_SHOWN = 5  # layer names a warning spells out before "and N more"
+NAMES_SHOWN = 5
+# config attributes some causal LMs multiply their logits by (Cohere, Muse)
+LOGIT_FACTORS = ("logit_scale", "output_multiplier")  # layer names a warning spells out before "and N more"
 
 
 _KERNEL_REASON = "in/out features not divisible by"
@@ -67,6 +71,26 @@ def kernel_warning(plan: Sequence[LayerPlan]) -> Optional[str]:
             f"{kept[0].reason}: {names}{more}")
 
 
+def config_error(model_dir: Path, trusted: bool, error: Exception) -> str:
+    """What to tell the user when transformers cannot read a checkpoint's config.json."""
+    import json
+
+    import transformers
+
+    try:
+        raw = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raw = {}
+    model_type, auto_map = raw.get("model_type"), raw.get("auto_map")
+    if auto_map and not trusted:
+        return (f"{model_dir}/config.json (model_type={model_type!r}) needs the checkpoint's own Python code "
+                f"({', '.join(sorted(auto_map))} in its auto_map), which qrunner runs only when told to: read the "
+                "code, then set model.trust_remote_code=true.")
+    return (f"transformers {transformers.__version__} cannot read {model_dir}/config.json (model_type="
+            f"{model_type!r}): {str(error).strip().splitlines()[0]} This architecture is not supported yet: a newer transformers may know it, "
+            "or the checkpoint may ship its own code (auto_map) to run with model.trust_remote_code=true.")
+
+
 class StopForward(Exception):
     """Raised by a hook to end a forward pass once the wanted inputs are captured."""
 
@@ -88,9 +112,13 @@ class FamilyAdapter:
     pipeline_folder: ClassVar[bool] = False
 
     # ---- architecture checks -------------------------------------------------------------
+    def supports(self, model_type: Optional[str]) -> bool:
+        """The family takes checkpoints of this model type (config.json's model_type)."""
+        return model_type in self.model_types
+
     def check_config(self, config: Any, model_path: str) -> None:
         model_type = getattr(config, "model_type", None)
-        if model_type not in self.model_types:
+        if not self.supports(model_type):
             from qrunner.models.registry import family_for_model_type
 
             other = family_for_model_type(model_type)
@@ -136,19 +164,39 @@ class FamilyAdapter:
         return out
 
     def linears(self, block: nn.Module) -> List[Tuple[str, nn.Linear]]:
-        return [(n, m) for n, m in block.named_modules() if isinstance(m, nn.Linear)]
+        """The block's linears as qrunner quantizes them (fused MoE experts one linear per expert)."""
+        with self.block_view(block) as view:
+            return [(n, m) for n, m in view.named_modules() if isinstance(m, nn.Linear)]
 
     @contextmanager
     def block_view(self, block: nn.Module) -> Iterator[nn.Module]:
         """The block as qrunner tunes, quantizes and fake-quantizes it: every quantizable weight an `nn.Linear`
-        (e.g. fused MoE experts seen as one linear per expert). Undone on exit."""
-        yield block
+        (fused MoE experts seen as one linear per expert, models/moe.py). Undone on exit."""
+        swapped = unfuse(block)
+        try:
+            yield block
+        finally:
+            refuse(swapped)
 
-    def split_source_tensor(self, key: str, read: Callable[[], torch.Tensor], quantized: Any
+    def split_source_tensor(self, key: str, read: Callable[[str], torch.Tensor], quantized: Any, model: nn.Module
                             ) -> Optional[Dict[str, torch.Tensor]]:
-        """A checkpoint tensor (`read()` reads it) the export writes under other names (e.g. fused experts as
-        per-expert weights, when `quantized` holds them), or None to copy it as stored."""
-        return None
+        """A checkpoint tensor (`key`: its name in `model`; `read(name)` reads any model tensor) the export writes
+        under other names: a fused experts weight as per-expert weights (with their biases) when `quantized`
+        holds those experts, their fused bias then as nothing (written with the weights); None to copy it as
+        stored."""
+        module, _, leaf = key.rpartition(".")
+        if not key.endswith(FUSED_TENSORS) or not any(n.startswith(module + ".") for n in quantized):
+            return None
+        experts = _get(model, module)
+        if experts is None or not is_fused_experts(experts):
+            return None
+        if leaf.endswith("_bias"):
+            return {}
+        layout = expert_layout(experts)
+        parts = split_fused_tensor(key, read(key), layout)
+        if layout.bias:
+            parts.update(split_fused_tensor(f"{key}_bias", read(f"{key}_bias"), layout))
+        return parts
 
     def option_group(self, rel: str) -> str:
         """The name the layers that must share one quantization option have in common (scheme=auto): all experts
@@ -189,7 +237,18 @@ class FamilyAdapter:
                 else:
                     plans.append(LayerPlan(full, fin, fout, True, "", int(spec["bits"]), int(spec["group_size"]),
                                            bool(spec["sym"])))
+            for rel, router in self.weight_modules_kept(block):
+                out_features, in_features = router.weight.shape
+                plans.append(LayerPlan(f"{block_name}.{rel}", in_features, out_features, False,
+                                       f"{self.name} keeps it in full precision"))
         return plans
+
+    def weight_modules_kept(self, block: nn.Module) -> List[Tuple[str, nn.Module]]:
+        """Modules of `kept_linears` that hold a 2-D weight without being an `nn.Linear` (transformers 5's MoE
+        routers): never quantized, but listed in the plan, so that the export's config names them as full
+        precision for loaders that rebuild them as linears (AutoRound's does for Qwen3-MoE and DeepSeek-V3)."""
+        return [(n, m) for n, m in block.named_modules() if n.endswith(self.kept_linears) and not isinstance(m, nn.Linear)
+                and isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 2]
 
     # ---- what streaming modes read besides the blocks --------------------------------------
     # modules after the blocks that turn the last block's output into logits, applied in this order (those the
@@ -209,6 +268,17 @@ class FamilyAdapter:
 
     def head_tensor_names(self, model: nn.Module) -> List[str]:
         return [f"{p}.{n}" for p in self.heads(model) for n in module_tensor_names(model.get_submodule(p))]
+
+    def logit_scale(self, config: Any) -> float:
+        """The factor the model's forward multiplies its logits by (before any soft cap): Granite divides them by
+        `logits_scaling`, Cohere multiplies them by `logit_scale`; 1 for most models."""
+        text = self.text_config(config)
+        if getattr(text, "logits_scaling", None):
+            return 1.0 / float(text.logits_scaling)
+        for name in LOGIT_FACTORS:
+            if getattr(text, name, None):
+                return float(getattr(text, name))
+        return 1.0
 
     def logit_softcap(self, config: Any) -> Optional[float]:
         """The final logit soft cap (`cap * tanh(logits / cap)`, Gemma-style) the model's forward applies, if any."""

@@ -19,8 +19,13 @@ def get_family(name: str) -> FamilyAdapter:
     return _FAMILIES[name]
 
 
-def family_for_model_type(model_type: Optional[str]) -> Optional[str]:
+def family_for_model_type(model_type: Optional[str], specific_only: bool = False) -> Optional[str]:
+    """The family for a model type: a family that names it (gemma4, vlm, ...) first, then `llm` for any other
+    causal language model of the installed transformers (unless `specific_only`)."""
     for family in _FAMILIES.values():
-        if model_type in family.model_types:
+        if model_type in family.model_types and family.name != "llm":
             return family.name
+    llm = _FAMILIES["llm"]
+    if not specific_only and (model_type in llm.model_types or llm.supports(model_type)):
+        return llm.name
     return None

@@ -10,6 +10,7 @@ from typing import Any, Dict, List, Optional
 from qrunner.memory.monitor import MemoryMonitor, process_peak_mb
 from qrunner.pipeline.runner import StageResult
 from qrunner.report.autoscheme import autoscheme_table, budgets_table, plot_autoscheme, summary_line
+from qrunner.report.experts import coverage_text
 from qrunner.report.diffusion import IMAGE_KEYS, copy_images, image_quality_table, stream_loss_table, summary_text
 
 
@@ -38,6 +39,7 @@ def build_report(cfg_plain: Dict[str, Any], run_dir: Path, results: List[StageRe
         "block_loss": quantize.metrics.get("block_loss", []) if quantize else [],
         "block_loss_rtn": quantize.metrics.get("block_loss_rtn", []) if quantize else [],
         "block_loss_parts": quantize.metrics.get("block_loss_parts", {}) if quantize else {},
+        "experts": {k: v for k, v in (quantize.metrics if quantize else {}).items() if "expert" in k},
         "export_dir": exports.get("auto_round", next(iter(exports.values()), None)),
         "exports": exports,
         "export_bytes": {m["format"]: m.get("bytes") for m in written},  # as each export stage recorded its files
@@ -118,6 +120,7 @@ def markdown(report: Dict[str, Any], images: List[Path]) -> str:
         *(f"- restarted after {r['cause']} in memory={r['mode']} at {r['where']} (peak RSS {r['peak_rss_mb']} MB) "
           f"-> memory={r['restart_mode']}" for r in report.get("restarts", [])),
         *([f"- {full_precision_text(report['full_precision_layers'])}"] if _kept_count(report) else []),
+        *([f"- {coverage_text(report['experts'])}"] if report.get("experts") else []),
         "",
         "| stage | status | time (s) | peak RSS (MB) |" + (" peak VRAM (MB) |" if _vram(report) else ""),
         "|---|---|---:|---:|" + ("---:|" if _vram(report) else ""),

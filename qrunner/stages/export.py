@@ -139,7 +139,8 @@ class ExportStage(Stage):
         qconfig = self.quantization_config(ctx)  # first: a format that cannot carry the layers stops here
         writer = ShardedSafetensorsWriter(tmp, parse_size(cfg.export.max_shard_size))
         packed = write_quantized_tensors(session.reader, session.model_dir, layers, writer,
-                                         session.adapter.split_source_tensor, partial(self.pack_layer, qconfig=qconfig))
+                                         partial(session.adapter.split_source_tensor, model=session.skeleton),
+                                         partial(self.pack_layer, qconfig=qconfig))
         shards = writer.close()
         fault_point("export.shards_written")
 

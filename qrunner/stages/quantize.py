@@ -31,6 +31,7 @@ from qrunner.memory.trim import keep_freed_memory, release_freed_memory, return_
 from qrunner.pipeline.atomic import remove_tree
 from qrunner.models.adapter import HIDDEN, LayerPlan, get_module
 from qrunner.models.block_io import load_block_inputs
+from qrunner.models.moe import expert_token_counts, reset_expert_counts
 from qrunner.pipeline.faults import fault_point
 from qrunner.pipeline.stopping import stop_point
 from qrunner.pipeline.stage import Stage, StageContext, register_stage
@@ -40,6 +41,8 @@ from qrunner.quant.autoround import TuneSettings, tune_block
 from qrunner.quant.opt_rtn import ImportanceCollector, quantize_weighted_rtn
 from qrunner.quant.rtn import QuantizedWeight, quantize_rtn
 from qrunner.quant.scheme import QuantScheme
+
+from qrunner.report.experts import coverage_summary, coverage_text
 from qrunner.stages.block_rows import (BATCH, ChainRows, block_inputs, fake_quantized, forward_rows, module_device,
                                       mse_rows, open_block_rows, publish_rows)
 from qrunner.stages.capture import open_side_rows
@@ -282,7 +285,11 @@ class QuantizeStage(Stage):
         for i in infos:
             for phase, seconds in i.get("seconds", {}).items():
                 phase_seconds[phase] = round(phase_seconds.get(phase, 0.0) + seconds, 4)
-        return {"blocks": len(names), "resumed_at_block": start, "iters": int(cfg.quant.iters),
+        experts = coverage_summary(infos)
+        if experts:
+            (ctx.log.warning if experts["experts_without_tokens"] else ctx.log.info)("quantize: %s",
+                                                                                    coverage_text(experts))
+        return {"blocks": len(names), "resumed_at_block": start, "iters": int(cfg.quant.iters), **experts,
                 "block_loss": [i["loss"] for i in infos],
                 "block_loss_rtn": rtn if all(r is not None for r in rtn) else [],
                 "phase_seconds": phase_seconds,
@@ -330,11 +337,13 @@ class QuantizeStage(Stage):
         torch.manual_seed(block_seed(cfg.quant.seed, index))
         generator = torch.Generator().manual_seed(block_seed(cfg.quant.seed, index))
         shared = to_device(work.shared, module_device(block))
+        reset_expert_counts(block)  # tokens routed to each expert on the original path (expert_coverage.py)
         with times.phase("target_forward"):
             target = chains.new("target", work.x_fp)
             target_side = forward_rows(session.adapter, block, work.src_fp, shared, target, work.writes,
                                        lambda n, *a: chains.new_shaped(f"target_{n}", *a))
             release_freed_memory()  # each step's temporaries go back before the next, larger one
+        routed = expert_token_counts(block)
         weights, tuning = self._quantize_block(ctx, block, name, work.plans, work.src_q, target, shared,
                                                work.settings, generator, work.bar, times)
         release_freed_memory()
@@ -360,6 +369,8 @@ class QuantizeStage(Stage):
                 tuning["loss_rtn_parts"] = {k: mse_rows(out_rtn, target, sl) for k, sl in parts.items()}
                 chains.drop(out_rtn)
         tuning["seconds"] = times.as_dict()
+        if routed:
+            tuning["expert_tokens"] = routed
         return BlockDone(weights, tuning, loss, loss_rtn, target, target_side, out_q, out_side)
 
     def _chains(self, ctx: StageContext, chains: ChainRows, start: int) -> Tuple[Rows, Rows]:
