@@ -133,3 +133,44 @@ def test_exports_reload_in_transformers_and_auto_round(zoo, tmp_path):
         assert typical < 0.05 * quantization_error, (arch, typical, quantization_error)
         if arch not in MOE:
             assert worst < 0.05 * quantization_error, (arch, worst, quantization_error)
+
+
+CUSTOM_CONFIG = '''from transformers import LlamaConfig
+
+
+class CustomConfig(LlamaConfig):
+    model_type = "qrunner_custom"
+'''
+CUSTOM_MODEL = '''from transformers import LlamaForCausalLM
+
+from .configuration_custom import CustomConfig
+
+
+class CustomForCausalLM(LlamaForCausalLM):
+    config_class = CustomConfig
+'''
+
+
+def test_a_checkpoint_with_its_own_code_runs_when_trusted(tiny_llama, tmp_path):
+    """A model type transformers does not know, whose checkpoint ships its code (auto_map): refused by default
+    (tests/test_family_errors.py), quantized with model.trust_remote_code=true, the code going with the export."""
+    model = tmp_path / "custom"
+    model.mkdir()
+    for f in tiny_llama.iterdir():
+        (model / f.name).write_bytes(f.read_bytes())
+    (model / "configuration_custom.py").write_text(CUSTOM_CONFIG)
+    (model / "modeling_custom.py").write_text(CUSTOM_MODEL)
+    config = json.loads((model / "config.json").read_text())
+    config.update(model_type="qrunner_custom", architectures=["CustomForCausalLM"],
+                  auto_map={"AutoConfig": "configuration_custom.CustomConfig",
+                            "AutoModelForCausalLM": "modeling_custom.CustomForCausalLM"})
+    (model / "config.json").write_text(json.dumps(config))
+    report = run_inprocess(tiny_overrides(model, tmp_path / "runs", "memory=low", "quant.iters=2",
+                                          "model.trust_remote_code=true"))
+    assert report["full_precision_layers"]["count"] == 0
+    layers = quantized_layers(Path(report["run_dir"]) / "stages" / "quantize")
+    assert len(layers) == 3 * 7  # every linear of the 3 blocks
+    export = Path(report["export_dir"])
+    assert (export / "modeling_custom.py").is_file()
+    assert json.loads((export / "config.json").read_text())["model_type"] == "qrunner_custom"
+    assert report["quality"]["ppl_quantized"] < 1.1 * report["quality"]["ppl_original"]

@@ -108,3 +108,11 @@ def test_experts_without_calibration_tokens_are_rounded_to_nearest_and_reported(
         same = torch.equal(got.q, rtn.q) and torch.equal(got.scale, rtn.scale)
         assert same != tuned, expert
     assert json.loads((Path(report["run_dir"]) / "report.json").read_text())["experts"] == experts
+
+
+def test_compressed_tensors_export_of_fused_experts_is_refused_before_anything_runs(tmp_path):
+    model_dir = make_tiny_causal_lm(tmp_path / "model", "qwen3_moe", layers=2)
+    with pytest.raises(UserError, match=r"compressed_tensors: .* stores its MoE experts fused \(2 experts modules, "
+                                        r"e.g. model.layers.0.mlp.experts\).*Export auto_round or gptq"):
+        run_inprocess(tiny_overrides(model_dir, tmp_path / "runs", "export.formats=[compressed_tensors]"))
+    assert not list((tmp_path / "runs").rglob("quantize"))  # refused before any stage ran

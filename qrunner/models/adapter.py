@@ -13,8 +13,8 @@ from torch import nn
 
 from qrunner.errors import UserError
 from qrunner.memory.streaming import module_tensor_names
-from qrunner.models.moe import (FUSED_TENSORS, expert_layout, is_fused_experts, refuse, split_fused_tensor,
-                               unfuse)
+from qrunner.models.moe import (FUSED_TENSORS, expert_layout, fused_experts_modules, is_fused_experts, refuse,
+                               split_fused_tensor, unfuse)
 
 
 @dataclass(frozen=True)
@@ -177,6 +177,11 @@ class FamilyAdapter:
             yield block
         finally:
             refuse(swapped)
+
+    def fused_experts(self, model: nn.Module, block_lists: Sequence[str]) -> List[str]:
+        """The fused MoE experts modules inside the blocks (full names)."""
+        return [f"{name}.{rel}" for name, block in self.blocks(model, block_lists)
+                for rel, _ in fused_experts_modules(block)]
 
     def split_source_tensor(self, key: str, read: Callable[[str], torch.Tensor], quantized: Any, model: nn.Module
                             ) -> Optional[Dict[str, torch.Tensor]]:

@@ -56,6 +56,14 @@ class CompressedTensorsExportStage(ExportStage):
     description = "compressed-tensors (pack-quantized) checkpoint"
     LINEAR_TYPES: ClassVar[tuple] = (nn.Linear,)
 
+    def preflight(self, cfg: Any, session: Any) -> None:
+        fused = session.adapter.fused_experts(session.skeleton, session.block_lists)
+        if fused:
+            raise UserError(f"export.formats=compressed_tensors: {session.model_dir} stores its MoE experts fused "
+                            f"({len(fused)} experts modules, e.g. {fused[0]}); transformers' compressed-tensors loader "
+                            "keeps them fused and cannot load them quantized one expert at a time. Export auto_round "
+                            "or gptq instead: transformers + auto-round unfuse the experts and load them.")
+
     def pack_layer(self, qw: Any, bias: Optional[torch.Tensor], qconfig: Dict[str, Any]) -> Dict[str, torch.Tensor]:
         return pack_ct_layer(qw, bias)
 
