@@ -68,3 +68,26 @@ def test_block_names_that_do_not_exist(tiny_gemma4, tmp_path):
     with pytest.raises(UserError, match=r"model.vision_tower.encoder.layers.*lies in model.vision_tower.*not a decoder block list"):
         run_inprocess(tiny_overrides(tiny_gemma4, tmp_path, "family=gemma4",
                                      "family.block_names=[model.vision_tower.encoder.layers]"))
+
+
+def test_llm_without_a_block_list_names_the_module_lists_it_found():
+    """family=llm finds the blocks without a model list: the usual paths, else the one module list as long as the
+    config's num_hidden_layers; with neither, the error lists the module lists there are."""
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from qrunner.models.registry import get_family
+
+    class Odd(nn.Module):
+        def __init__(self, lists):
+            super().__init__()
+            self.config = SimpleNamespace(num_hidden_layers=3)
+            for name, n in lists.items():
+                setattr(self, name, nn.ModuleList(nn.Linear(2, 2) for _ in range(n)))
+
+    adapter = get_family("llm")
+    assert adapter.block_lists(Odd({"heads": 2, "stack": 3}), []) == ["stack"]
+    with pytest.raises(UserError, match=r"no single module list has num_hidden_layers=3 entries \(module lists: "
+                                        r"heads \(2\), stack \(4\)\).*family.block_names"):
+        adapter.block_lists(Odd({"heads": 2, "stack": 4}), [])

@@ -326,8 +326,10 @@ class FamilyAdapter:
                     if param.kind is inspect.Parameter.VAR_KEYWORD:
                         values.update(values.pop(name, {}) or {})
                     elif param.kind is inspect.Parameter.VAR_POSITIONAL and values.get(name):
-                        raise RuntimeError(f"{type(block).__name__} takes extra positional inputs; "
-                                           "its family adapter must name them")
+                        raise UserError(f"{type(model).__name__}'s forward gives its blocks "
+                                        f"({type(block).__name__}) {len(values[name])} unnamed positional input(s) "
+                                        "that qrunner cannot record by name; family=" + self.name + " cannot run "
+                                        "these blocks in isolation (their adapter in qrunner/models/ must name them)")
                     elif param.kind is inspect.Parameter.VAR_POSITIONAL:
                         values.pop(name, None)
                 hidden_name = list(signature.parameters)[1]
@@ -351,8 +353,9 @@ class FamilyAdapter:
             for block in blocks:
                 del block.forward
         if len(records) != len(blocks):
-            raise RuntimeError(f"the forward pass of {type(model).__name__} reached {len(records)} of its "
-                               f"{len(blocks)} blocks")
+            raise UserError(f"the forward pass of {type(model).__name__} reached {len(records)} of the "
+                            f"{len(blocks)} blocks in the block list: it does not run them one after the other, so "
+                            "their inputs cannot be recorded (set family.block_names to the list it does run)")
         added: List[Optional[torch.Tensor]] = [None]
         for before, after in zip(hiddens, hiddens[1:]):
             added.append(None if after is before or torch.equal(after, before) else after - before)
