@@ -65,43 +65,50 @@ def supervise(argv: List[str], extra_env: Optional[Dict[str, str]] = None, relay
     """Run `qrunner ARGV` in a child until it succeeds, fails for another reason than memory, or fails in
     memory=low; returns its exit code. A child killed by another signal kills this process with it, unless
     `relay_signals` is False (a sweep's job: the code is returned, negative)."""
+    with tempfile.TemporaryDirectory(prefix="qrunner-supervisor-") as tmp:
+        code = _supervise(argv, Path(tmp), extra_env)
+    if code < 0 and relay_signals:  # pass a deadly signal on as such (the temporary folder is gone by now)
+        if -code != signal.SIGKILL:
+            signal.signal(-code, signal.SIG_DFL)
+        os.kill(os.getpid(), -code)
+    return code
+
+
+def _supervise(argv: List[str], tmp: Path, extra_env: Optional[Dict[str, str]]) -> int:
+    """The attempts of `supervise`, their status files in `tmp`; a child killed by a signal returns its negative
+    code."""
     attempts: List[Dict[str, object]] = []
     mode: Optional[str] = None
-    with tempfile.TemporaryDirectory(prefix="qrunner-supervisor-") as tmp:
-        while True:
-            status_file = Path(tmp) / f"status-{len(attempts)}.json"
-            env = dict(os.environ, **{CHILD_ENV: "1", STATUS_ENV: str(status_file), ARGV_ENV: json.dumps(argv),
-                                      RESTARTS_ENV: json.dumps(attempts)}, **(extra_env or {}))
-            if attempts:
-                env.pop(FAULT_ENV, None)  # an injected fault hits the first attempt only
-            code, stop_signal = _run_child([sys.executable, "-m", "qrunner", *_with_memory(argv, mode)], env)
-            if stop_signal is not None:  # asked to stop: the child stopped at a safe point (or died of it)
-                return 128 + stop_signal
-            if code == 0:
-                return 0
-            status = read_status(status_file)
-            died_of_memory = code in (-signal.SIGKILL, EXIT_OOM)
-            if not died_of_memory or status.get("on_oom") != "downgrade":
-                if code < 0 and relay_signals:  # pass a deadly signal on as such
-                    if -code != signal.SIGKILL:
-                        signal.signal(-code, signal.SIG_DFL)
-                    os.kill(os.getpid(), -code)
-                return code
-            where = describe_where(status)
-            cause = "killed (SIGKILL, as by the OOM killer)" if code < 0 else "out of memory"
-            current = status.get("mode") or "high"
-            lower = LOWER.get(str(current))
-            attempts.append({"mode": current, "cause": cause, "where": where, "peak_rss_mb": status.get("peak_rss_mb"),
-                             "restart_mode": lower})
-            if lower is None:
-                print(f"qrunner: {cause} in memory={current} at {where} (peak RSS "
-                      f"{status.get('peak_rss_mb', '?')} MB), the lowest memory mode; nothing finished is lost. "
-                      "Try: lower data.nsamples, data.seqlen or quant.batch_size, close other programs, or use a "
-                      f"machine with more RAM. Resume with: {resume_command_for(argv)}", file=sys.stderr)
-                return EXIT_OOM
-            print(f"qrunner: {cause} in memory={current} at {where}; restarting in memory={lower}, resuming from "
-                  "the committed artifacts", file=sys.stderr)
-            mode = lower
+    while True:
+        status_file = Path(tmp) / f"status-{len(attempts)}.json"
+        env = dict(os.environ, **{CHILD_ENV: "1", STATUS_ENV: str(status_file), ARGV_ENV: json.dumps(argv),
+                                  RESTARTS_ENV: json.dumps(attempts)}, **(extra_env or {}))
+        if attempts:
+            env.pop(FAULT_ENV, None)  # an injected fault hits the first attempt only
+        code, stop_signal = _run_child([sys.executable, "-m", "qrunner", *_with_memory(argv, mode)], env)
+        if stop_signal is not None:  # asked to stop: the child stopped at a safe point (or died of it)
+            return 128 + stop_signal
+        if code == 0:
+            return 0
+        status = read_status(status_file)
+        died_of_memory = code in (-signal.SIGKILL, EXIT_OOM)
+        if not died_of_memory or status.get("on_oom") != "downgrade":
+            return code
+        where = describe_where(status)
+        cause = "killed (SIGKILL, as by the OOM killer)" if code < 0 else "out of memory"
+        current = status.get("mode") or "high"
+        lower = LOWER.get(str(current))
+        attempts.append({"mode": current, "cause": cause, "where": where, "peak_rss_mb": status.get("peak_rss_mb"),
+                         "restart_mode": lower})
+        if lower is None:
+            print(f"qrunner: {cause} in memory={current} at {where} (peak RSS "
+                  f"{status.get('peak_rss_mb', '?')} MB), the lowest memory mode; nothing finished is lost. "
+                  "Try: lower data.nsamples, data.seqlen or quant.batch_size, close other programs, or use a "
+                  f"machine with more RAM. Resume with: {resume_command_for(argv)}", file=sys.stderr)
+            return EXIT_OOM
+        print(f"qrunner: {cause} in memory={current} at {where}; restarting in memory={lower}, resuming from "
+              "the committed artifacts", file=sys.stderr)
+        mode = lower
 
 
 def _run_child(cmd: List[str], env: Dict[str, str]) -> Tuple[int, Optional[int]]:

@@ -1,8 +1,11 @@
 """Faults never lose or corrupt finished work: kills anywhere, out-of-memory, full disks, damaged artifacts,
 concurrent runs, config drift. Faults are injected with test-only hooks (QRUNNER_FAULT), never by timing."""
 import json
+import os
 import shutil
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -243,3 +246,13 @@ def test_sigterm_to_the_supervisor_stops_the_child_at_a_safe_point_and_the_rerun
     clean = run_cli(tiny_overrides(tiny_llama, tmp_path / "clean", "quant.iters=200", "memory=low"))
     assert clean.returncode == 0, clean.stderr
     assert tree_bytes(run_dir / "model") == tree_bytes(_run_dir(tmp_path / "clean") / "model")
+
+
+def test_a_supervisor_dying_with_its_child_leaves_no_temporary_folder(tmp_path):
+    """A child killed by a signal other than the OOM killer's takes the supervisor with it (the same signal), and
+    the supervisor's folder of status files goes first."""
+    code = ("import signal\nfrom qrunner import supervise\n"
+            "supervise._run_child = lambda cmd, env: (-signal.SIGTERM, None)\nsupervise.supervise(['recipe=x'])\n")
+    done = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, TMPDIR=str(tmp_path)), timeout=120)
+    assert done.returncode == -signal.SIGTERM
+    assert not list(tmp_path.glob("qrunner-supervisor-*"))
