@@ -116,3 +116,27 @@ def test_compressed_tensors_export_of_fused_experts_is_refused_before_anything_r
                                         r"e.g. model.layers.0.mlp.experts\).*Export auto_round or gptq"):
         run_inprocess(tiny_overrides(model_dir, tmp_path / "runs", "export.formats=[compressed_tensors]"))
     assert not list((tmp_path / "runs").rglob("quantize"))  # refused before any stage ran
+
+
+def test_weights_fused_in_an_unknown_layout_stop_the_run():
+    """3-D weights that are not seen as linears would silently stay in full precision: a sizeable share stops
+    the run naming them; a small one (a state-space model's convolution) is left as it is."""
+    class Block(nn.Module):
+        def __init__(self, experts: int) -> None:
+            super().__init__()
+            self.proj = nn.Linear(64, 64)
+            self.w_in = nn.Parameter(torch.zeros(experts, 64, 64))
+
+    class Model(nn.Module):
+        def __init__(self, experts: int) -> None:
+            super().__init__()
+            self.model = nn.Module()
+            self.model.layers = nn.ModuleList([Block(experts)])
+
+    adapter = get_family("llm")
+    with pytest.raises(UserError, match=r"model.layers.0 holds 1 weight\(s\) of 3 or more dimensions .*"
+                                        r"model.layers.0.w_in \[4, 64, 64\]"):
+        adapter.plan_layers(Model(4), ["model.layers"], 4, 32, True, [])
+    small = Model(4)
+    small.model.layers[0].w_in = nn.Parameter(torch.zeros(1, 4, 4))
+    assert [p.name for p in adapter.plan_layers(small, ["model.layers"], 4, 32, True, [])] == ["model.layers.0.proj"]

@@ -33,6 +33,7 @@ class LayerPlan:
 
 KERNEL_MULTIPLE = 32  # the loaders' kernels need in/out features divisible by this
 NAMES_SHOWN = 5
+UNSPLIT_SHARE = 0.05  # fused weights qrunner cannot split, as a share of a block's linear weights, that stop a run
 # config attributes some causal LMs multiply their logits by (Cohere, Muse)
 LOGIT_FACTORS = ("logit_scale", "output_multiplier")  # layer names a warning spells out before "and N more"
 
@@ -242,11 +243,25 @@ class FamilyAdapter:
                 else:
                     plans.append(LayerPlan(full, fin, fout, True, "", int(spec["bits"]), int(spec["group_size"]),
                                            bool(spec["sym"])))
+            self.check_no_unsplit_weights(block_name, block)
             for rel, router in self.weight_modules_kept(block):
                 out_features, in_features = router.weight.shape
                 plans.append(LayerPlan(f"{block_name}.{rel}", in_features, out_features, False,
                                        f"{self.name} keeps it in full precision"))
         return plans
+
+    def check_no_unsplit_weights(self, block_name: str, block: nn.Module) -> None:
+        """Stop when a block holds weights of 3 or more dimensions that are not seen as linears (a fused layout
+        qrunner does not know) and that are a sizeable share of the block: they would silently stay in full
+        precision. Small ones (a state-space model's convolution) are left as they are."""
+        with self.block_view(block) as view:
+            linear = sum(m.weight.numel() for m in view.modules() if isinstance(m, nn.Linear))
+            unsplit = [(n, p) for n, p in view.named_parameters() if p.dim() >= 3]
+            if unsplit and sum(p.numel() for _, p in unsplit) >= UNSPLIT_SHARE * max(1, linear):
+                shown = ", ".join(f"{block_name}.{n} {list(p.shape)}" for n, p in unsplit[:3])
+                raise UserError(f"{block_name} holds {len(unsplit)} weight(s) of 3 or more dimensions that are not "
+                                f"linear layers ({shown}): fused in a layout qrunner does not know, they would stay "
+                                "in full precision. Describe the layout in qrunner/models/moe.py.")
 
     def weight_modules_kept(self, block: nn.Module) -> List[Tuple[str, nn.Module]]:
         """Modules of `kept_linears` that hold a 2-D weight without being an `nn.Linear` (transformers 5's MoE
