@@ -30,6 +30,8 @@ from tiny_causal_lms import ARCHS, MOE, make_tiny_causal_lm
 
 pytest.importorskip("auto_round")
 
+ROUTERS = {"deepseek_v3": 1, "qwen2_moe": 4}  # full-precision routers where not one a block of 2
+ROUTER_NAMES = (".gate", ".router", ".shared_expert_gate")
 RELOAD = r"""
 import json, sys, torch
 from transformers import AutoModelForCausalLM
@@ -66,11 +68,11 @@ def test_low_and_high_export_the_same_bytes_and_quantize_every_layer(arch, zoo):
     runs = zoo(arch)
     low, high = runs["low"], runs["high"]
     assert tree_bytes(Path(low["export_dir"])) == tree_bytes(Path(high["export_dir"]))
-    kept = low["full_precision_layers"]  # only the MoE routers, one a block
-    assert kept["count"] == (0 if arch not in MOE else 2 - (arch == "deepseek_v3")), kept
-    assert all(n.endswith((".gate", ".router")) for n in kept["names"]), kept
+    kept = low["full_precision_layers"]  # only the MoE routers: one a MoE block, Qwen2-MoE's shared-expert gate
+    assert kept["count"] == ROUTERS.get(arch, 2 if arch in MOE else 0), kept
+    assert all(n.endswith(ROUTER_NAMES) for n in kept["names"]), kept
     layers = quantized_layers(Path(low["run_dir"]) / "stages" / "quantize")
-    assert not any(n.endswith((".gate", ".router")) for n in layers)
+    assert not any(n.endswith(ROUTER_NAMES) for n in layers)
     if arch not in MOE:
         assert "experts" not in low["experts"]
         return

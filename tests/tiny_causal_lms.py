@@ -29,6 +29,8 @@ DENSE: Dict[str, Dict[str, Any]] = {
 MOE: Dict[str, Dict[str, Any]] = {
     "qwen3_moe": dict(head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=H,
                       decoder_sparse_step=1, norm_topk_prob=True),
+    "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=H, shared_expert_intermediate_size=H,
+                      decoder_sparse_step=1),  # a shared expert with its own sigmoid gate next to the routed ones
     "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
     "deepseek_v3": dict(n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, moe_intermediate_size=H,
                         first_k_dense_replace=1, n_group=1, topk_group=1, q_lora_rank=32, kv_lora_rank=32,
