@@ -92,6 +92,19 @@ def config_error(model_dir: Path, trusted: bool, error: Exception) -> str:
             "or the checkpoint may ship its own code (auto_map) to run with model.trust_remote_code=true.")
 
 
+def check_no_unsplit_weights(block_name: str, view: nn.Module) -> None:
+    """Stop when a block (as seen through its adapter's view) holds weights of 3 or more dimensions that are not
+    linears (a fused layout qrunner does not know) and that are a sizeable share of the block: they would silently
+    stay in full precision. Small ones (a state-space model's convolution) are left as they are."""
+    linear = sum(m.weight.numel() for m in view.modules() if isinstance(m, nn.Linear))
+    unsplit = [(n, p) for n, p in view.named_parameters() if p.dim() >= 3]
+    if unsplit and sum(p.numel() for _, p in unsplit) >= UNSPLIT_SHARE * max(1, linear):
+        shown = ", ".join(f"{block_name}.{n} {list(p.shape)}" for n, p in unsplit[:3])
+        raise UserError(f"{block_name} holds {len(unsplit)} weight(s) of 3 or more dimensions that are not linear "
+                        f"layers ({shown}): fused in a layout qrunner does not know, they would stay in full "
+                        "precision. Describe the layout in qrunner/models/moe.py.")
+
+
 class StopForward(Exception):
     """Raised by a hook to end a forward pass once the wanted inputs are captured."""
 
@@ -224,7 +237,10 @@ class FamilyAdapter:
         compiled = [(re.compile(rx), {k: v for k, v in o.items() if v is not None}) for rx, o in overrides]
         plans: List[LayerPlan] = []
         for block_name, block in self.blocks(model, block_lists):
-            for rel, layer in self.linears(block):
+            with self.block_view(block) as view:  # once a block: unfusing many experts is not free
+                linears = [(n, m) for n, m in view.named_modules() if isinstance(m, nn.Linear)]
+                check_no_unsplit_weights(block_name, view)
+            for rel, layer in linears:
                 full = f"{block_name}.{rel}"
                 fin, fout = layer.in_features, layer.out_features
                 spec = {"bits": bits, "group_size": group_size, "sym": sym}
@@ -243,25 +259,11 @@ class FamilyAdapter:
                 else:
                     plans.append(LayerPlan(full, fin, fout, True, "", int(spec["bits"]), int(spec["group_size"]),
                                            bool(spec["sym"])))
-            self.check_no_unsplit_weights(block_name, block)
             for rel, router in self.weight_modules_kept(block):
                 out_features, in_features = router.weight.shape
                 plans.append(LayerPlan(f"{block_name}.{rel}", in_features, out_features, False,
                                        f"{self.name} keeps it in full precision"))
         return plans
-
-    def check_no_unsplit_weights(self, block_name: str, block: nn.Module) -> None:
-        """Stop when a block holds weights of 3 or more dimensions that are not seen as linears (a fused layout
-        qrunner does not know) and that are a sizeable share of the block: they would silently stay in full
-        precision. Small ones (a state-space model's convolution) are left as they are."""
-        with self.block_view(block) as view:
-            linear = sum(m.weight.numel() for m in view.modules() if isinstance(m, nn.Linear))
-            unsplit = [(n, p) for n, p in view.named_parameters() if p.dim() >= 3]
-            if unsplit and sum(p.numel() for _, p in unsplit) >= UNSPLIT_SHARE * max(1, linear):
-                shown = ", ".join(f"{block_name}.{n} {list(p.shape)}" for n, p in unsplit[:3])
-                raise UserError(f"{block_name} holds {len(unsplit)} weight(s) of 3 or more dimensions that are not "
-                                f"linear layers ({shown}): fused in a layout qrunner does not know, they would stay "
-                                "in full precision. Describe the layout in qrunner/models/moe.py.")
 
     def weight_modules_kept(self, block: nn.Module) -> List[Tuple[str, nn.Module]]:
         """Modules of `kept_linears` that hold a 2-D weight without being an `nn.Linear` (transformers 5's MoE
