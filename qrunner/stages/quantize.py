@@ -41,7 +41,6 @@ from qrunner.quant.autoround import TuneSettings, tune_block
 from qrunner.quant.opt_rtn import ImportanceCollector, quantize_weighted_rtn
 from qrunner.quant.rtn import QuantizedWeight, quantize_rtn
 from qrunner.quant.scheme import QuantScheme
-
 from qrunner.report.experts import coverage_summary, coverage_text
 from qrunner.stages.block_rows import (BATCH, ChainRows, block_inputs, fake_quantized, forward_rows, module_device,
                                       mse_rows, open_block_rows, publish_rows)
@@ -337,7 +336,7 @@ class QuantizeStage(Stage):
         torch.manual_seed(block_seed(cfg.quant.seed, index))
         generator = torch.Generator().manual_seed(block_seed(cfg.quant.seed, index))
         shared = to_device(work.shared, module_device(block))
-        reset_expert_counts(block)  # tokens routed to each expert on the original path (expert_coverage.py)
+        reset_expert_counts(block)  # tokens routed to each expert on the original path (report/experts.py)
         with times.phase("target_forward"):
             target = chains.new("target", work.x_fp)
             target_side = forward_rows(session.adapter, block, work.src_fp, shared, target, work.writes,
