@@ -92,6 +92,11 @@ def config_error(model_dir: Path, trusted: bool, error: Exception) -> str:
             "or the checkpoint may ship its own code (auto_map) to run with model.trust_remote_code=true.")
 
 
+def linear_modules(block: nn.Module) -> List[Tuple[str, nn.Linear]]:
+    """The `nn.Linear` modules inside `block`, by name relative to it."""
+    return [(n, m) for n, m in block.named_modules() if isinstance(m, nn.Linear)]
+
+
 def check_no_unsplit_weights(block_name: str, view: nn.Module) -> None:
     """Stop when a block (as seen through its adapter's view) holds weights of 3 or more dimensions that are not
     linears (a fused layout qrunner does not know) and that are a sizeable share of the block: they would silently
@@ -180,7 +185,7 @@ class FamilyAdapter:
     def linears(self, block: nn.Module) -> List[Tuple[str, nn.Linear]]:
         """The block's linears as qrunner quantizes them (fused MoE experts one linear per expert)."""
         with self.block_view(block) as view:
-            return [(n, m) for n, m in view.named_modules() if isinstance(m, nn.Linear)]
+            return linear_modules(view)
 
     @contextmanager
     def block_view(self, block: nn.Module) -> Iterator[nn.Module]:
@@ -238,7 +243,7 @@ class FamilyAdapter:
         plans: List[LayerPlan] = []
         for block_name, block in self.blocks(model, block_lists):
             with self.block_view(block) as view:  # once a block: unfusing many experts is not free
-                linears = [(n, m) for n, m in view.named_modules() if isinstance(m, nn.Linear)]
+                linears = linear_modules(view)
                 check_no_unsplit_weights(block_name, view)
             for rel, layer in linears:
                 full = f"{block_name}.{rel}"

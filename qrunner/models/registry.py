@@ -23,9 +23,7 @@ def family_for_model_type(model_type: Optional[str], specific_only: bool = False
     """The family for a model type: a family that names it (gemma4, vlm, ...) first, then `llm` for any other
     causal language model of the installed transformers (unless `specific_only`)."""
     for family in _FAMILIES.values():
-        if model_type in family.model_types and family.name != "llm":
+        if model_type in family.model_types:
             return family.name
     llm = _FAMILIES["llm"]
-    if not specific_only and (model_type in llm.model_types or llm.supports(model_type)):
-        return llm.name
-    return None
+    return llm.name if not specific_only and llm.supports(model_type) else None
